@@ -1,0 +1,190 @@
+"""The ``hybridize`` command: ``convert``, ``generate``, ``eval``.
+
+Each subcommand is a plain function; errors the user can fix print one line (``error: ...``) and exit 2;
+an interrupted ``convert`` exits 130 and resumes from its last checkpoint when run again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+__all__ = ["main"]
+
+
+def _convert(args) -> int:
+    from .convert.pipeline import ConvertOptions, run_convert
+
+    opts = ConvertOptions(
+        teacher=args.teacher,
+        data=args.data,
+        out=args.out,
+        seq_len=args.seq_len,
+        stage1_tokens=args.stage1_tokens,
+        stage1_batch=args.stage1_batch,
+        stage1_lr=args.stage1_lr,
+        stage2_tokens=args.stage2_tokens,
+        stage2_batch=args.stage2_batch,
+        stage2_lr=args.stage2_lr,
+        stage3=args.stage3,
+        stage3_tokens=args.stage3_tokens,
+        stage3_seq_len=args.stage3_seq_len,
+        num_attention=args.num_attention,
+        selection=args.selection,
+        layer_types=args.layer_types,
+        eval=not args.no_eval,
+        eval_passkey_trials=args.passkey_trials,
+        seed=args.seed,
+        threads=args.threads,
+    )
+    summary = run_convert(opts)
+    report = summary.get("eval")
+    if report and report.get("markdown"):
+        print()
+        print(report["markdown"])
+    print(f"\nconverted model: {summary['run_dir']}  (wall time {summary['wall_time_s'] / 60:.1f} min)")
+    return 0
+
+
+def _generate(args) -> int:
+    import threading
+
+    import torch
+    from transformers import TextIteratorStreamer
+
+    from .loading import load_model
+
+    torch.manual_seed(args.seed)
+    model, tokenizer = load_model(args.model)
+    if args.chat and getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": args.prompt}], tokenize=False, add_generation_prompt=True
+        )
+    else:
+        text = args.prompt
+    enc = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    if enc["input_ids"].shape[1] == 0:
+        raise ValueError("the prompt is empty: pass some text with --prompt")
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    kwargs = dict(
+        **enc,
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.temperature > 0,
+        streamer=streamer,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+    )
+    if args.temperature > 0:
+        kwargs.update(temperature=args.temperature, top_p=args.top_p)
+    errors = []
+
+    def run():
+        try:
+            model.generate(**kwargs)
+        except Exception as e:  # surfaced in the main thread below
+            errors.append(e)
+            streamer.end()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    if not args.chat:
+        print(args.prompt, end="", flush=True)
+    for piece in streamer:
+        print(piece, end="", flush=True)
+    thread.join()
+    print()
+    if errors:
+        raise errors[0]
+    return 0
+
+
+def _eval(args) -> int:
+    from pathlib import Path
+
+    from .convert.evaluate import evaluate_models
+
+    report = evaluate_models(
+        args.model,
+        teacher=args.teacher,
+        out_dir=Path(args.out) if args.out else None,
+        ppl_lengths=tuple(args.ppl_lengths),
+        passkey_lengths=tuple(args.passkey_lengths),
+        passkey_trials=args.passkey_trials,
+    )
+    print(report["markdown"])
+    if args.json:
+        print(json.dumps(report["results"], indent=2, default=str))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .convert.pipeline import ConvertOptions
+    from .convert.select import SELECTION_METHODS
+
+    d = ConvertOptions()
+    p = argparse.ArgumentParser(prog="hybridize", description="Turn a pretrained Transformer into a hybrid linear-attention model.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("convert", help="run the HALO pipeline (stage 0-2, optional 3) and compare with the teacher",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    c.add_argument("--teacher", default=None, help="local Llama/Qwen3 directory or hub id; default: embedded SmolLM2-135M-Instruct")
+    c.add_argument("--data", nargs="+", default=None, help="training text: .txt/.jsonl/.parquet files or an HF dataset name; default: bundled corpus")
+    c.add_argument("--out", default=d.out, help="run directory (rerun the same command to resume)")
+    c.add_argument("--seq-len", type=int, default=d.seq_len, help="training sequence length (tokens), stages 1-2")
+    c.add_argument("--stage1-tokens", type=int, default=d.stage1_tokens, help="stage 1 (alignment) token budget")
+    c.add_argument("--stage1-batch", type=int, default=d.stage1_batch)
+    c.add_argument("--stage1-lr", type=float, default=d.stage1_lr)
+    c.add_argument("--stage2-tokens", type=int, default=d.stage2_tokens, help="stage 2 (KL distillation) token budget")
+    c.add_argument("--stage2-batch", type=int, default=d.stage2_batch)
+    c.add_argument("--stage2-lr", type=float, default=d.stage2_lr)
+    c.add_argument("--stage3", action="store_true", help="also run stage 3 (long-context fine-tune)")
+    c.add_argument("--stage3-tokens", type=int, default=d.stage3_tokens)
+    c.add_argument("--stage3-seq-len", type=int, default=d.stage3_seq_len)
+    c.add_argument("--num-attention", type=int, default=None, help="attention layers to keep (default: floor(L/4))")
+    c.add_argument("--selection", choices=SELECTION_METHODS, default=d.selection, help="layer selection method")
+    c.add_argument("--layer-types", default=None, help="fixed schedule, one letter a layer (A attention, L lightning); skips selection")
+    c.add_argument("--passkey-trials", type=int, default=d.eval_passkey_trials)
+    c.add_argument("--no-eval", action="store_true", help="skip the teacher-vs-hybrid evaluation")
+    c.add_argument("--seed", type=int, default=d.seed)
+    c.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    c.set_defaults(func=_convert)
+
+    g = sub.add_parser("generate", help="stream text from a converted checkpoint or a teacher")
+    g.add_argument("--model", required=True, help="converted model dir, run dir, teacher dir, hub id, or 'smollm2'")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=0.95)
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    g.add_argument("--seed", type=int, default=0)
+    g.set_defaults(func=_generate)
+
+    e = sub.add_parser("eval", help="held-out perplexity, passkey retrieval, decode speed and cache size")
+    e.add_argument("--model", required=True, help="converted model dir or run dir (or a teacher)")
+    e.add_argument("--teacher", default=None, help="also evaluate this teacher side by side ('smollm2' for the embedded one)")
+    e.add_argument("--out", default=None, help="write report.json / report.md here")
+    e.add_argument("--ppl-lengths", type=int, nargs="+", default=[512, 2048])
+    e.add_argument("--passkey-lengths", type=int, nargs="+", default=[1024, 2048])
+    e.add_argument("--passkey-trials", type=int, default=10)
+    e.add_argument("--json", action="store_true", help="also print the raw results as JSON")
+    e.set_defaults(func=_eval)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``hybridize`` console script; returns the exit status."""
+    from .errors import HybridizeError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("\ninterrupted: run the same command again to resume from the last checkpoint", file=sys.stderr)
+        return 130
+    except (HybridizeError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

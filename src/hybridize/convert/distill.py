@@ -1,0 +1,141 @@
+"""Stage 2, end-to-end distillation (SPEC 2, "Stage 2"; HALO paper Sec. 4.3), and stage 3, the long-context
+fine-tune (SPEC 2, "Stage 3").
+
+Stage 2 builds the hybrid from the teacher (selected layers: the teacher's attention, NoPE, with the new
+output gate; the rest: the stage-1 Lightning students) and trains it on ``KL(p_teacher || p_student)`` of
+the logits, temperature 1, no cross-entropy, teacher frozen. Embeddings and the LM head stay frozen (they
+are the teacher's, and the KL compares distributions over the teacher's vocabulary).
+
+Stage 3 trains the same parameters on plain next-token loss at long length with activation checkpointing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from .align import MIXERS_FILE
+from .losses import chunked_cross_entropy, chunked_kl
+from .stage import StageDir
+from .trainer import TrainSettings, train
+from .transfer import build_student
+
+__all__ = ["build_hybrid", "trainable_parameters", "run_stage2", "run_stage3", "save_model_atomic", "MODEL_DIR"]
+
+log = logging.getLogger("hybridize")
+
+#: Sub-directory of stage 2/3 holding the converted model (``save_pretrained`` format).
+MODEL_DIR = "model"
+
+
+def build_hybrid(teacher, layer_types: list[str], mixers_path: Path | None):
+    """The stage-2 student: attention layers from the teacher (NoPE + output gate), Lightning layers loaded
+    from a stage-1 :data:`MIXERS_FILE` (or left at their stage-0 init if ``mixers_path`` is None)."""
+    student, _ = build_student(teacher, layer_types, attention_rope=False, attention_output_gate=True)
+    if mixers_path is not None:
+        tensors = load_file(str(mixers_path))
+        for i, kind in enumerate(layer_types):
+            if kind != "lightning":
+                continue
+            mixer = student.model.layers[i].self_attn
+            mixer.load_state_dict({k: tensors[f"layers.{i}.{k}"] for k in mixer.state_dict()})
+    return student
+
+
+def trainable_parameters(model) -> dict[str, torch.nn.Parameter]:
+    """Every parameter except the embeddings and the LM head (SPEC 2 stage 2/3 train the decoder)."""
+    frozen = {id(model.get_input_embeddings().weight), id(model.get_output_embeddings().weight)}
+    params = {}
+    for name, p in model.named_parameters():
+        if id(p) in frozen:
+            p.requires_grad_(False)
+        else:
+            params[name] = p
+    return params
+
+
+def save_model_atomic(model, tokenizer, path: Path) -> None:
+    """``save_pretrained`` model (safetensors) and tokenizer into ``path`` via a temporary directory."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+
+
+def _distill(stage, teacher, student, tokenizer, data, settings, inputs, seed, loss_kind, extra) -> dict:
+    student.train()
+    params = trainable_parameters(student)
+
+    def kl_loss(batch):
+        with torch.no_grad():
+            t_hidden = teacher.model(input_ids=batch, use_cache=False).last_hidden_state
+        s_hidden = student.model(input_ids=batch, use_cache=False).last_hidden_state
+        return chunked_kl(s_hidden, t_hidden, student.lm_head, teacher.lm_head)
+
+    def lm_loss(batch):
+        s_hidden = student.model(input_ids=batch, use_cache=False).last_hidden_state
+        return chunked_cross_entropy(s_hidden, batch, student.lm_head)
+
+    loss_fn = kl_loss if loss_kind == "kl" else lm_loss
+    result = train(stage, params, loss_fn, data, settings, seed=seed, desc=f"{stage.name} {loss_kind}")
+    student.eval()
+    save_model_atomic(student, tokenizer, stage.path / MODEL_DIR)
+    return stage.complete(
+        inputs,
+        tokens_seen=result.tokens_seen,
+        final_loss=result.final_loss,
+        extra={
+            "loss": loss_kind,
+            "loss_curve": result.losses,
+            "tokens_per_s": result.tokens_per_s,
+            "layer_types": student.config.layer_types,
+            "settings": vars(settings),
+            **extra,
+        },
+    )
+
+
+def run_stage2(teacher, tokenizer, train_data, run_dir, layer_types, settings: TrainSettings, inputs: dict, seed=0) -> dict:
+    """Stage 2: KL distillation of the hybrid ``layer_types`` from ``teacher``; writes ``stage2/`` (model + manifest).
+
+    Needs ``stage1/`` complete. Raises BudgetError if the budget is smaller than one batch.
+    """
+    stage = StageDir(run_dir, "stage2")
+    if stage.is_complete():
+        log.info("stage2: complete, reusing %s", stage.path)
+        return stage.manifest()
+    stage.begin()
+    teacher.requires_grad_(False).eval()
+    student = build_hybrid(teacher, layer_types, Path(run_dir) / "stage1" / MIXERS_FILE)
+    return _distill(
+        stage, teacher, student, tokenizer, train_data, settings,
+        {**inputs, "init": str(Path(run_dir) / "stage1")}, seed, "kl", {},
+    )
+
+
+def run_stage3(tokenizer, train_data, run_dir, settings: TrainSettings, inputs: dict, seed=0) -> dict:
+    """Stage 3: next-token fine-tune of the stage-2 model at long length (activation checkpointing, chunked
+    loss over the vocabulary); writes ``stage3/``."""
+    from ..models import HybridForCausalLM
+
+    stage = StageDir(run_dir, "stage3")
+    if stage.is_complete():
+        log.info("stage3: complete, reusing %s", stage.path)
+        return stage.manifest()
+    stage.begin()
+    src = Path(run_dir) / "stage2" / MODEL_DIR
+    student = HybridForCausalLM.from_pretrained(src)
+    student.gradient_checkpointing_enable()
+    student.model.gradient_checkpointing = True
+    return _distill(stage, None, student, tokenizer, train_data, settings, {**inputs, "init": str(src)}, seed, "lm", {})

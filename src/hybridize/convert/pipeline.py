@@ -1,0 +1,196 @@
+"""The HALO conversion pipeline end to end (SPEC 2): stage 0/1 -> layer selection -> stage 2 -> (stage 3)
+-> evaluation of teacher vs hybrid. Every stage is resumable and writes its own directory under the run
+directory (see :mod:`hybridize.convert.stage`):
+
+    <run>/stage0/  stage1/  selection/  stage2/model/  [stage3/model/]  eval/  convert.log
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..models import layer_types_to_str
+from .align import run_stage1
+from .distill import MODEL_DIR, run_stage2, run_stage3
+from .stage import StageDir, atomic_write_text, setup_logging
+from .trainer import TrainSettings, plan_steps
+
+__all__ = ["ConvertOptions", "run_convert", "run_selection", "final_model_dir"]
+
+log = logging.getLogger("hybridize")
+
+
+@dataclass
+class ConvertOptions:
+    """Every knob of ``hybridize convert``; defaults are sized for the CPU demo on the embedded teacher
+    (about 20-30 minutes on 2 cores). Token budgets are totals per stage; see SPEC 2 for the paper's.
+    """
+
+    teacher: str | None = None
+    data: list[str] | None = None
+    out: str = "runs/smollm2-hypenet"
+    seq_len: int = 256
+    stage1_tokens: int = 160_000
+    stage1_batch: int = 8
+    stage1_lr: float = 1e-3
+    stage1_lr_final: float = 1e-5
+    stage2_tokens: int = 96_000
+    stage2_batch: int = 4
+    stage2_lr: float = 2e-4
+    stage2_lr_final: float = 1e-5
+    stage3: bool = False
+    stage3_tokens: int = 32_768
+    stage3_seq_len: int = 4096
+    stage3_batch: int = 1
+    stage3_lr: float = 1e-5
+    num_attention: int | None = None
+    selection: str = "halo"
+    layer_types: str | None = None
+    recall_examples: int = 16
+    eval: bool = True
+    eval_ppl_lengths: tuple[int, ...] = (512, 2048)
+    eval_ppl_sequences: int = 4
+    eval_passkey_lengths: tuple[int, ...] = (1024, 2048)
+    eval_passkey_trials: int = 10
+    checkpoint_every: int = 20
+    seed: int = 0
+    threads: int | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def final_model_dir(run_dir: Path) -> Path:
+    """The last complete model of a run: stage 3's if it ran, else stage 2's."""
+    run_dir = Path(run_dir)
+    for name in ("stage3", "stage2"):
+        if StageDir(run_dir, name).is_complete():
+            return run_dir / name / MODEL_DIR
+    raise FileNotFoundError(f"{run_dir} has no complete stage 2 or 3; run `hybridize convert --out {run_dir}`")
+
+
+def _settings(opts: ConvertOptions, stage: str) -> TrainSettings:
+    every = opts.checkpoint_every
+    if stage == "stage1":
+        return TrainSettings(opts.stage1_tokens, opts.seq_len, opts.stage1_batch, opts.stage1_lr, opts.stage1_lr_final, checkpoint_every=every)
+    if stage == "stage2":
+        return TrainSettings(opts.stage2_tokens, opts.seq_len, opts.stage2_batch, opts.stage2_lr, opts.stage2_lr_final, checkpoint_every=every)
+    return TrainSettings(opts.stage3_tokens, opts.stage3_seq_len, opts.stage3_batch, opts.stage3_lr, opts.stage3_lr, checkpoint_every=every)
+
+
+def run_selection(teacher, tokenizer, run_dir: Path, opts: ConvertOptions, heldout_general: torch.Tensor, inputs: dict) -> dict:
+    """Layer selection stage: sweep R and C over ``M(i)``, pick the attention layers; writes ``selection/``
+    (``scores.json``, ``scores.png``, manifest). A fixed ``opts.layer_types`` skips the sweep."""
+    from safetensors.torch import load_file
+
+    from ..data import load_qa
+    from ..models import layer_types_from_str
+    from .align import MIXERS_FILE, build_lightning_students, load_mixers
+    from .select import build_scoring_data, halo_scores, layer_sweep, plot_scores, select_layers
+    from .transfer import build_student
+
+    stage = StageDir(run_dir, "selection")
+    if stage.is_complete():
+        return stage.manifest()
+    stage.begin()
+    n = teacher.config.num_hidden_layers
+    k = opts.num_attention if opts.num_attention is not None else n // 4
+    if opts.layer_types:
+        layer_types = layer_types_from_str(opts.layer_types)
+        if len(layer_types) != n:
+            raise ValueError(f"--layer-types has {len(layer_types)} letters, the teacher has {n} layers")
+        return stage.complete(inputs, 0, None, {"method": "given", "layer_types": layer_types})
+    sweep, scores = None, None
+    if opts.selection in ("halo", "recall-drop"):
+        mixers, _ = build_lightning_students(teacher)
+        load_mixers(mixers, load_file(str(Path(run_dir) / "stage1" / MIXERS_FILE)))
+        exact, _ = build_student(teacher, ["attention"] * n, attention_rope=True)
+        data = build_scoring_data(tokenizer, load_qa("squad"), heldout_general, num_recall=opts.recall_examples)
+        sweep = layer_sweep(exact, mixers, data)
+        scores = halo_scores(sweep["R"], sweep["C"])
+        del exact, mixers
+    chosen = select_layers(n, k, opts.selection, sweep and sweep["R"], sweep and sweep["C"])
+    layer_types = ["attention" if i in chosen else "lightning" for i in range(n)]
+    extra = {"method": opts.selection, "num_attention": k, "attention_layers": chosen, "layer_types": layer_types}
+    if sweep is not None:
+        extra.update({"teacher_scores": sweep["teacher"], "R": sweep["R"], "C": sweep["C"], "score": scores})
+        atomic_write_text(stage.path / "scores.json", json.dumps(extra, indent=2))
+        plot_scores(sweep, scores, chosen, stage.path / "scores.png")
+        for i in range(n):
+            log.info("layer %2d  R %.4f  C %.4f  score %7.3f %s", i, sweep["R"][i], sweep["C"][i], scores[i], "<- attention" if i in chosen else "")
+    log.info("selection (%s): attention layers %s -> %s", opts.selection, chosen, layer_types_to_str(layer_types))
+    return stage.complete(inputs, 0, None, extra)
+
+
+def split_heldout(token_docs: list[list[int]]) -> tuple[list[list[int]], list[list[int]]]:
+    """Split user documents into (train, held-out): every 10th document is held out (at least one); a
+    single document is split into its first 90% and last 10% of tokens. The two never overlap."""
+    if len(token_docs) >= 10:
+        held = [d for i, d in enumerate(token_docs) if i % 10 == 9]
+        return [d for i, d in enumerate(token_docs) if i % 10 != 9], held
+    if len(token_docs) >= 2:
+        return token_docs[:-1], token_docs[-1:]
+    doc = token_docs[0] if token_docs else []
+    cut = int(len(doc) * 0.9)
+    return [doc[:cut]], [doc[cut:]]
+
+
+def run_convert(opts: ConvertOptions) -> dict:
+    """Run the whole pipeline; returns a summary dict (stages' manifests and the evaluation report).
+
+    Raises:
+        hybridize.errors.HybridizeError subclasses for bad input (teacher, data, budgets), before any
+        stage output is written where possible.
+    """
+    from ..data import document_separator_id, load_default_corpus, load_texts, pack_sequences, tokenize_documents
+    from .teachers import load_teacher
+
+    t_start = time.time()
+    run_dir = Path(opts.out)
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    torch.manual_seed(opts.seed)
+    # validate budgets before any heavy work
+    plan_steps(_settings(opts, "stage1"), None, "stage1")
+    plan_steps(_settings(opts, "stage2"), None, "stage2")
+    if opts.stage3:
+        plan_steps(_settings(opts, "stage3"), None, "stage3")
+
+    teacher, tokenizer = load_teacher(opts.teacher)
+    eos = document_separator_id(tokenizer)
+    if opts.data:
+        train_tok, heldout_tok = split_heldout(tokenize_documents(load_texts(opts.data), tokenizer))
+        data_desc = {"files": list(opts.data), "heldout": "every 10th document (or the last 10% of tokens)"}
+    else:
+        corpus = load_default_corpus()
+        train_tok = tokenize_documents(corpus.train, tokenizer, cache=True)
+        heldout_tok = tokenize_documents(corpus.heldout, tokenizer, cache=True)
+        data_desc = "default corpus (Wikipedia sample, Lee news, Paul Graham essays; held-out split never trained on)"
+    train_seqs = pack_sequences(train_tok, opts.seq_len, eos)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    setup_logging(run_dir / "convert.log")
+    log.info("run directory %s; teacher %s", run_dir, opts.teacher or "smollm2 (embedded)")
+    heldout_general = pack_sequences(heldout_tok, opts.seq_len, eos, max_sequences=8)
+    log.info("training data: %d sequences of %d tokens", train_seqs.shape[0], opts.seq_len)
+    inputs = {"teacher": opts.teacher or "smollm2-135m-instruct (embedded)", "data": data_desc, "options": asdict(opts)}
+
+    summary = {"run_dir": str(run_dir)}
+    summary["stage1"] = run_stage1(teacher, train_seqs, run_dir, _settings(opts, "stage1"), inputs, seed=opts.seed)
+    selection = run_selection(teacher, tokenizer, run_dir, opts, heldout_general, inputs)
+    summary["selection"] = selection
+    layer_types = selection["layer_types"]
+    summary["stage2"] = run_stage2(teacher, tokenizer, train_seqs, run_dir, layer_types, _settings(opts, "stage2"), inputs, seed=opts.seed)
+    if opts.stage3:
+        long_seqs = pack_sequences(train_tok, opts.stage3_seq_len, eos)
+        summary["stage3"] = run_stage3(tokenizer, long_seqs, run_dir, _settings(opts, "stage3"), inputs, seed=opts.seed)
+    if opts.eval:
+        from .evaluate import evaluate_run
+
+        summary["eval"] = evaluate_run(teacher, tokenizer, final_model_dir(run_dir), heldout_tok, run_dir, opts, eos)
+    summary["wall_time_s"] = round(time.time() - t_start, 1)
+    log.info("convert finished in %.1f min; model in %s", summary["wall_time_s"] / 60, final_model_dir(run_dir))
+    return summary

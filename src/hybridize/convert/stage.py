@@ -1,0 +1,191 @@
+"""Stage bookkeeping shared by every conversion stage: directories, manifests, atomic checkpoints, logging.
+
+Each stage writes its own directory ``<run>/<stage>/``. While it runs it keeps ``checkpoint/`` (the
+trainable weights, optimizer, scheduler and data position, replaced atomically every few steps); when it
+finishes it writes its outputs and, last, ``manifest.json`` with ``status: "complete"``. A stage whose
+manifest is complete is never re-run; a stage with a checkpoint but no complete manifest resumes from it.
+A failed or killed stage therefore leaves the previous stages' directories untouched and its own output
+never looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .. import __version__
+
+__all__ = [
+    "StageDir",
+    "git_commit",
+    "atomic_write_text",
+    "save_tensors_atomic",
+    "cosine_lr",
+    "make_optimizer",
+    "setup_logging",
+]
+
+log = logging.getLogger("hybridize")
+
+
+def git_commit() -> str | None:
+    """The git commit of the hybridize source tree, or None outside a git checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file and ``os.replace`` (never a half-written file)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_tensors_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Save a safetensors file atomically (tensors are made contiguous and moved to CPU)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def setup_logging(log_file: Path | None = None, level: int = logging.INFO) -> None:
+    """Log hybridize messages to stderr and, if given, append them to ``log_file``."""
+    log.setLevel(level)
+    if not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler) for h in log.handlers):
+        h = logging.StreamHandler()
+        h.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        log.addHandler(h)
+    if log_file is not None:
+        log_file = Path(log_file).resolve()
+        if not any(isinstance(h, logging.FileHandler) and Path(h.baseFilename) == log_file for h in log.handlers):
+            log_file.parent.mkdir(parents=True, exist_ok=True)
+            fh = logging.FileHandler(log_file)
+            fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+            log.addHandler(fh)
+
+
+def cosine_lr(step: int, total: int, peak: float, final: float, warmup: int) -> float:
+    """Learning rate at ``step`` (0-based): linear warm-up over ``warmup`` steps, then cosine from ``peak`` to ``final``."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    if total <= warmup:
+        return peak
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return final + 0.5 * (peak - final) * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(params, lr: float) -> torch.optim.AdamW:
+    """AdamW with betas (0.9, 0.95) and no weight decay (SPEC 2)."""
+    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+
+
+@dataclass
+class StageDir:
+    """One stage's directory and its manifest.
+
+    Args:
+        root: the run directory; the stage lives in ``root / name``.
+        name: e.g. ``"stage1"``.
+    """
+
+    root: Path
+    name: str
+    started: float = field(default_factory=time.time)
+
+    @property
+    def path(self) -> Path:
+        return Path(self.root) / self.name
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.path / "manifest.json"
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.path / "checkpoint"
+
+    def manifest(self) -> dict | None:
+        """The manifest if the stage completed, else None."""
+        if not self.manifest_path.exists():
+            return None
+        data = json.loads(self.manifest_path.read_text())
+        return data if data.get("status") == "complete" else None
+
+    def is_complete(self) -> bool:
+        return self.manifest() is not None
+
+    def begin(self) -> None:
+        """Create the directory and drop any stale manifest (the stage is about to (re)run)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        if self.manifest_path.exists() and not self.is_complete():
+            self.manifest_path.unlink()
+
+    def complete(self, inputs: dict, tokens_seen: int, final_loss: float | None, extra: dict | None = None) -> dict:
+        """Write ``manifest.json`` (status complete) last, then remove the resume checkpoint."""
+        prior = self._checkpoint_meta().get("wall_time_s", 0.0)
+        manifest = {
+            "stage": self.name,
+            "status": "complete",
+            "inputs": inputs,
+            "tokens_seen": int(tokens_seen),
+            "final_loss": None if final_loss is None else float(final_loss),
+            "wall_time_s": round(prior + time.time() - self.started, 2),
+            "git_commit": git_commit(),
+            "hybridize_version": __version__,
+            "torch_version": torch.__version__,
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            **(extra or {}),
+        }
+        atomic_write_text(self.manifest_path, json.dumps(manifest, indent=2))
+        if self.checkpoint_path.exists():
+            shutil.rmtree(self.checkpoint_path)
+        return manifest
+
+    # --- resumable checkpoints -------------------------------------------------------------------
+    def _checkpoint_meta(self) -> dict:
+        meta = self.checkpoint_path / "meta.json"
+        return json.loads(meta.read_text()) if meta.exists() else {}
+
+    def save_checkpoint(self, tensors: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, meta: dict) -> None:
+        """Atomically replace ``checkpoint/`` with weights, optimizer state and ``meta`` (step, tokens, ...)."""
+        tmp = self.path / f".checkpoint.tmp{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / "weights.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        meta = {**meta, "wall_time_s": self._checkpoint_meta().get("wall_time_s", 0.0) + time.time() - self.started}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        old = self.path / f".checkpoint.old{os.getpid()}"
+        if self.checkpoint_path.exists():
+            os.replace(self.checkpoint_path, old)
+        os.replace(tmp, self.checkpoint_path)
+        if old.exists():
+            shutil.rmtree(old)
+        self.started = time.time()
+
+    def load_checkpoint(self, optimizer: torch.optim.Optimizer | None = None) -> tuple[dict[str, torch.Tensor], dict] | None:
+        """Return ``(weights, meta)`` of the last checkpoint (and restore ``optimizer``), or None if there is none."""
+        if not (self.checkpoint_path / "meta.json").exists():
+            return None
+        weights = load_file(str(self.checkpoint_path / "weights.safetensors"))
+        if optimizer is not None:
+            optimizer.load_state_dict(torch.load(self.checkpoint_path / "optimizer.pt", weights_only=True))
+        return weights, self._checkpoint_meta()

@@ -1,0 +1,151 @@
+"""The one training loop every conversion stage uses: AdamW, warm-up + cosine, progress, resumable checkpoints."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import BudgetError
+from .stage import StageDir, cosine_lr, make_optimizer
+
+__all__ = ["TrainSettings", "TrainResult", "train", "plan_steps"]
+
+log = logging.getLogger("hybridize")
+
+
+@dataclass
+class TrainSettings:
+    """Settings of one training stage.
+
+    Attributes:
+        tokens: token budget; the stage runs ``tokens // (batch_size * seq_len)`` optimizer steps.
+        seq_len: tokens per sequence; batch_size: sequences per step.
+        lr: peak learning rate; lr_final: the cosine's end; warmup: warm-up steps (SPEC 2: 50, capped at
+            a tenth of the steps for short runs).
+        checkpoint_every: steps between resumable checkpoints.
+        grad_clip: max global gradient norm (None = no clipping).
+    """
+
+    tokens: int
+    seq_len: int
+    batch_size: int
+    lr: float
+    lr_final: float
+    warmup: int = 50
+    checkpoint_every: int = 20
+    grad_clip: float | None = 1.0
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    tokens_seen: int
+    final_loss: float
+    losses: list[float]
+    tokens_per_s: float
+
+
+def plan_steps(settings: TrainSettings, available_sequences: int | None = None, stage: str = "stage") -> int:
+    """Optimizer steps the budget buys.
+
+    Raises:
+        BudgetError: if the budget is smaller than one batch (names the numbers and the flag to raise).
+    """
+    per_step = settings.batch_size * settings.seq_len
+    steps = settings.tokens // per_step
+    if steps < 1:
+        raise BudgetError(
+            f"{stage}: a budget of {settings.tokens} tokens is smaller than one batch "
+            f"({settings.batch_size} x {settings.seq_len} = {per_step} tokens); raise the {stage} token budget "
+            "or lower --batch-size / --seq-len"
+        )
+    if available_sequences is not None and available_sequences < settings.batch_size:
+        raise BudgetError(
+            f"{stage}: the training data packs into {available_sequences} sequences of {settings.seq_len} tokens, "
+            f"fewer than one batch of {settings.batch_size}; give more text (--data) or lower --seq-len/--batch-size"
+        )
+    return steps
+
+
+def train(
+    stage: StageDir,
+    params: dict[str, torch.nn.Parameter],
+    loss_fn: Callable[[torch.Tensor], torch.Tensor],
+    data: torch.Tensor,
+    settings: TrainSettings,
+    seed: int = 0,
+    desc: str | None = None,
+) -> TrainResult:
+    """Train ``params`` to minimise ``loss_fn(batch)`` over ``data``; resume from ``stage``'s checkpoint if any.
+
+    Args:
+        stage: the stage directory (checkpoints go to ``stage.checkpoint_path``).
+        params: the trainable parameters by name (these, and only these, are checkpointed).
+        loss_fn: maps a ``[batch_size, seq_len]`` int64 batch to a scalar loss (it may call backward on
+            parts itself and return a detached total; then it must set ``loss_fn.did_backward = True``).
+        data: ``[N, seq_len]`` int64 packed training sequences, visited in a seeded random order
+            (wrapping around if the budget exceeds one epoch).
+        settings: budget and optimiser settings.
+
+    Returns:
+        A :class:`TrainResult` (loss per step, tokens seen, throughput).
+
+    Raises:
+        BudgetError: the budget or the data is smaller than one batch.
+    """
+    steps = plan_steps(settings, data.shape[0], stage.name)
+    optimizer = make_optimizer(list(params.values()), settings.lr)
+    warmup = min(settings.warmup, max(1, steps // 10))
+    start_step, losses = 0, []
+    resumed = stage.load_checkpoint(optimizer)
+    if resumed is not None:
+        weights, meta = resumed
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(weights[name])
+        start_step, losses = meta["step"], meta["losses"]
+        log.info("%s: resuming from checkpoint at step %d/%d", stage.name, start_step, steps)
+    g = torch.Generator().manual_seed(seed)
+    order = torch.cat([torch.randperm(data.shape[0], generator=g) for _ in range(1 + steps * settings.batch_size // data.shape[0])])
+    per_step = settings.batch_size * settings.seq_len
+    bar = tqdm(total=steps, initial=start_step, desc=desc or stage.name, unit="step", dynamic_ncols=True)
+    t0, tokens_this_run = time.time(), 0
+    for step in range(start_step, steps):
+        lr = cosine_lr(step, steps, settings.lr, settings.lr_final, warmup)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batch = data[order[step * settings.batch_size : (step + 1) * settings.batch_size]]
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(batch)
+        if not getattr(loss_fn, "did_backward", False):
+            loss.backward()
+        if settings.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(list(params.values()), settings.grad_clip)
+        optimizer.step()
+        value = float(loss.detach())
+        if value != value:  # NaN
+            raise FloatingPointError(f"{stage.name}: loss became NaN at step {step}; lower the learning rate")
+        losses.append(value)
+        tokens_this_run += per_step
+        tps = tokens_this_run / max(1e-9, time.time() - t0)
+        bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.1e}", tok_s=f"{tps:.0f}")
+        bar.update(1)
+        if (step + 1) % max(1, steps // 10) == 0 or step + 1 == steps:
+            log.info("%s step %d/%d loss %.5f lr %.2e %.0f tok/s", stage.name, step + 1, steps, value, lr, tps)
+        if (step + 1) % settings.checkpoint_every == 0 and step + 1 < steps:
+            stage.save_checkpoint(dict(params), optimizer, {"step": step + 1, "losses": losses})
+    bar.close()
+    elapsed = max(1e-9, time.time() - t0)
+    tail = losses[-max(1, min(10, len(losses) // 5)) :]
+    return TrainResult(
+        steps=steps,
+        tokens_seen=steps * per_step,
+        final_loss=sum(tail) / len(tail),
+        losses=losses,
+        tokens_per_s=tokens_this_run / elapsed,
+    )

@@ -1,0 +1,141 @@
+"""The token mixers of a hybrid decoder layer (SPEC 1a, 1b).
+
+Every mixer has the same call::
+
+    mixer(x, rope=(cos, sin), positions=positions, attention_mask=mask_2d, cache=cache) -> y
+
+with ``x``/``y`` ``[B, T, hidden]``, ``positions`` ``[B, T]`` int64 absolute token positions (padding
+excluded), ``attention_mask`` ``[B, past + T]`` (1 = real token) or None, and ``cache`` a
+:class:`~hybridize.models.cache.HybridCache` or None. Parameter names follow transformers' attention
+modules (``q_proj`` ... ``o_proj``, ``q_norm``/``k_norm``) so that teacher weights map by name.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..ops.attention import attention_mask_4d, hype_scale, softmax_attention
+from ..ops.lightning import lightning_attention, lightning_log_decay
+from .common import RMSNorm, apply_rope
+
+__all__ = ["LightningAttention", "HyPEAttention", "build_mixer"]
+
+
+class LightningAttention(nn.Module):
+    """Lightning Attention layer (SPEC 1a): the RNN mixer.
+
+    ``q, k, v`` over ``H = num_attention_heads`` heads of ``head_dim`` each (K/V expanded from the
+    teacher's GQA heads to full multi-head), per-head QK RMSNorm, RoPE, fixed decay ``exp(-m_h)``
+    (ALiBi slopes), output RMSNorm over ``H * d`` (``o_norm``), output gate ``sigmoid(x W_z)``
+    (``output_gate``), then ``o_proj``. Decode state per layer: ``[B, H, d, d]`` fp32.
+    """
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.use_rope = config.lightning_rope
+        self.chunk_size = config.lightning_chunk_size
+        inner, hidden, bias = self.num_heads * self.head_dim, config.hidden_size, config.attention_bias
+        self.q_proj = nn.Linear(hidden, inner, bias=bias)
+        self.k_proj = nn.Linear(hidden, inner, bias=bias)
+        self.v_proj = nn.Linear(hidden, inner, bias=bias)
+        self.o_proj = nn.Linear(inner, hidden, bias=bias)
+        self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        self.o_norm = RMSNorm(inner, eps=config.rms_norm_eps)
+        self.output_gate = nn.Linear(hidden, inner, bias=False) if config.lightning_output_gate else None
+
+    def log_decay(self, device: torch.device) -> torch.Tensor:
+        """``[H]`` fp32 log-decays ``-m_h`` (SPEC 1a), derived from the head count."""
+        return lightning_log_decay(self.num_heads).to(device)
+
+    def forward(self, x, rope=None, positions=None, attention_mask=None, cache=None):
+        b, t, _ = x.shape
+        shape = (b, t, self.num_heads, self.head_dim)
+        q = self.q_norm(self.q_proj(x).view(shape))
+        k = self.k_norm(self.k_proj(x).view(shape))
+        v = self.v_proj(x).view(shape)
+        if self.use_rope:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if attention_mask is not None:
+            # padding never enters the state: a zero key/value adds nothing to S
+            real = attention_mask[:, -t:].to(k.dtype)[:, :, None, None]
+            k, v = k * real, v * real
+        state = cache.get_state(self.layer_idx) if cache is not None else None
+        o, state = lightning_attention(
+            q,
+            k,
+            v,
+            self.log_decay(x.device),
+            initial_state=state,
+            output_final_state=cache is not None,
+            chunk_size=self.chunk_size,
+        )
+        if cache is not None:
+            cache.set_state(state, self.layer_idx)
+        o = self.o_norm(o.reshape(b, t, -1))
+        if self.output_gate is not None:
+            o = o * torch.sigmoid(self.output_gate(x))
+        return self.o_proj(o)
+
+
+class HyPEAttention(nn.Module):
+    """Softmax attention kept from the teacher (SPEC 1b).
+
+    GQA kept; RoPE removed unless ``config.attention_rope`` (NoPE is HypeNet); QK-norm where the teacher
+    has it; queries scaled by HyPE ``log(t + a)/log(a)`` when ``config.hype_base`` is set; optional output
+    gate ``o * sigmoid(x W_g)`` before ``o_proj`` (no norm before the gate, as in the public HypeNet code).
+    """
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.use_rope = config.attention_rope
+        self.hype_base = config.hype_base
+        hidden, bias = config.hidden_size, config.attention_bias
+        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=bias)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+        self.output_gate = (
+            nn.Linear(hidden, self.num_heads * self.head_dim, bias=False) if config.attention_output_gate else None
+        )
+
+    def forward(self, x, rope=None, positions=None, attention_mask=None, cache=None):
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.use_rope:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if self.hype_base is not None:
+            q = q * hype_scale(positions, self.hype_base).to(q.dtype)[:, :, None, None]
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update_kv(k, v, self.layer_idx)
+        mask = attention_mask_4d(attention_mask, t, k.shape[2], x.device)
+        o = softmax_attention(q, k, v, mask).transpose(1, 2).reshape(b, t, -1)
+        if self.output_gate is not None:
+            o = o * torch.sigmoid(self.output_gate(x))
+        return self.o_proj(o)
+
+
+_MIXERS = {"attention": HyPEAttention, "lightning": LightningAttention}
+
+
+def build_mixer(config, layer_idx: int) -> nn.Module:
+    """The mixer for layer ``layer_idx`` from ``config.layer_types`` (the single source of truth)."""
+    return _MIXERS[config.layer_types[layer_idx]](config, layer_idx)

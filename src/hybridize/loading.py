@@ -1,0 +1,48 @@
+"""Load any model hybridize can run: a converted hybrid checkpoint, or a teacher (embedded default, a
+local Llama/Qwen3 directory, or a hub id)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+__all__ = ["load_model", "is_hybrid_checkpoint"]
+
+
+def is_hybrid_checkpoint(path: str | Path) -> bool:
+    """True if ``path`` is a directory holding a hybridize checkpoint (``config.json`` model_type "hybridize")."""
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        return json.loads(cfg.read_text()).get("model_type") == "hybridize"
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def load_model(spec: str | None, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """``(model, tokenizer)`` for a hybrid checkpoint directory or a teacher spec.
+
+    A run directory of ``hybridize convert`` is accepted too (its final model is used).
+
+    Raises:
+        hybridize.errors.TeacherNotFoundError / UnsupportedTeacherError: as :func:`load_teacher`.
+    """
+    from transformers import AutoTokenizer
+
+    from .convert.pipeline import final_model_dir
+    from .convert.teachers import load_teacher
+    from .models import HybridForCausalLM
+
+    if spec is not None and Path(spec).is_dir() and not (Path(spec) / "config.json").exists():
+        for name in ("stage3", "stage2"):
+            if (Path(spec) / name).is_dir():
+                spec = str(final_model_dir(Path(spec)))
+                break
+    if spec is not None and is_hybrid_checkpoint(spec):
+        model = HybridForCausalLM.from_pretrained(spec, dtype=dtype).to(device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(spec)
+        return model, tokenizer
+    return load_teacher(spec, dtype=dtype, device=device)

@@ -1,0 +1,201 @@
+"""Lightning Attention: linear attention with a fixed per-head exponential decay.
+
+This is the RNN mixer of HypeNet (SPEC 1a; HALO/HypeNet paper, arXiv 2601.22156, Sec. 3). For head h the
+recurrent state ``S`` (``d_k x d_v``, fp32) evolves as::
+
+    S_t = gamma_h * S_{t-1} + k_t^T v_t,      o_t = scale * q_t S_t,      gamma_h = exp(-m_h)
+
+with ``m_h`` the ALiBi slopes (:func:`lightning_slopes`). It is simple GLA with a data-independent decay,
+so on GPU it maps to fla's ``chunk_simple_gla`` / ``fused_recurrent_simple_gla`` with ``g_gamma = -m``
+(not ``chunk_lightning_attn``, which rescales the decay by layer index: a different model).
+
+Two pure-PyTorch forms live here and are the reference for every other path:
+
+* :func:`chunk_lightning_ref` -- the chunked (parallel within a chunk, recurrent across chunks) form
+  used for training and prefill; cost O(T C d + T d^2) for chunk size C.
+* :func:`recurrent_lightning_ref` -- the step-by-step form used for decode; cost O(T d^2).
+
+Tensor convention everywhere (as in fla): ``[batch, time, heads, dim]``; states are
+``[batch, heads, d_k, d_v]`` in fp32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "lightning_slopes",
+    "lightning_log_decay",
+    "chunk_lightning_ref",
+    "recurrent_lightning_ref",
+    "lightning_attention",
+]
+
+
+def lightning_slopes(num_heads: int) -> torch.Tensor:
+    """ALiBi slopes ``m_h`` for ``num_heads`` heads (SPEC 1a; Press et al. 2022, ALiBi, Sec. 3).
+
+    For H a power of two, ``m_h = 2^(-8 (h+1) / H)``, h = 0..H-1. Otherwise take the slopes of the largest
+    power of two P < H, then every other slope of 2P until H slopes are filled.
+
+    Args:
+        num_heads: number of heads H >= 1.
+
+    Returns:
+        float32 tensor ``[H]`` of positive slopes.
+
+    Raises:
+        ValueError: if ``num_heads < 1``.
+    """
+    if num_heads < 1:
+        raise ValueError(f"num_heads must be >= 1, got {num_heads}")
+
+    def power_of_two(n: int) -> list[float]:
+        return [2.0 ** (-8.0 * (h + 1) / n) for h in range(n)]
+
+    if num_heads & (num_heads - 1) == 0:
+        slopes = power_of_two(num_heads)
+    else:
+        p = 2 ** int(math.floor(math.log2(num_heads)))
+        slopes = power_of_two(p) + power_of_two(2 * p)[0::2][: num_heads - p]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+def lightning_log_decay(num_heads: int) -> torch.Tensor:
+    """Per-head log-decay ``log(gamma_h) = -m_h`` (float32 ``[H]``, strictly negative). See :func:`lightning_slopes`."""
+    return -lightning_slopes(num_heads)
+
+
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor) -> None:
+    if q.dim() != 4 or k.shape != q.shape or v.shape[:3] != q.shape[:3]:
+        raise ValueError(
+            "lightning attention expects q, k of shape [batch, time, heads, d_k] and v of shape "
+            f"[batch, time, heads, d_v]; got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    if log_decay.shape != (q.shape[2],):
+        raise ValueError(f"log_decay must have shape [heads={q.shape[2]}], got {tuple(log_decay.shape)}")
+    if not bool((log_decay < 0).all()):
+        raise ValueError(
+            "every lightning log-decay must be strictly negative (decay gamma = exp(log_decay) < 1); got "
+            f"{log_decay.tolist()}. Use lightning_log_decay(num_heads) for the SPEC 1a values."
+        )
+
+
+def _initial_state(q: torch.Tensor, v: torch.Tensor, initial_state: torch.Tensor | None) -> torch.Tensor:
+    b, _, h, dk = q.shape
+    dv = v.shape[-1]
+    if initial_state is None:
+        return q.new_zeros(b, h, dk, dv, dtype=torch.float32)
+    if initial_state.shape != (b, h, dk, dv):
+        raise ValueError(f"initial_state must have shape {(b, h, dk, dv)}, got {tuple(initial_state.shape)}")
+    return initial_state.float()
+
+
+def chunk_lightning_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_decay: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Chunked Lightning Attention, pure PyTorch (reference for training and prefill).
+
+    Within a chunk of length c the output is the masked decayed product
+    ``O = (Q K^T * D) V + diag(gamma^(i+1)) Q S_prev`` with ``D[i, j] = gamma^(i-j)`` for j <= i, and the
+    state is carried as ``S = gamma^c S_prev + sum_j gamma^(c-1-j) k_j^T v_j`` (the chunkwise form of the
+    recurrence in SPEC 1a). All arithmetic is fp32; only exponents <= 0 are evaluated, so nothing overflows.
+    A ragged last chunk is handled at its true length (the final state is exact for any T).
+
+    Args:
+        q, k: ``[B, T, H, d_k]`` any float dtype.
+        v: ``[B, T, H, d_v]``.
+        log_decay: ``[H]`` strictly negative ``log(gamma_h)``.
+        scale: multiplies ``q S``; default ``d_k ** -0.5``.
+        initial_state: ``[B, H, d_k, d_v]`` (fp32) or None for zeros.
+        output_final_state: also return the state after the last token.
+        chunk_size: C, tokens per chunk.
+
+    Returns:
+        ``(o, final_state)``: ``o`` is ``[B, T, H, d_v]`` in q's dtype; ``final_state`` is
+        ``[B, H, d_k, d_v]`` fp32, or None.
+
+    Raises:
+        ValueError: on mismatched shapes or a non-negative log-decay.
+    """
+    _check_inputs(q, k, v, log_decay)
+    b, t, h, dk = q.shape
+    scale = dk**-0.5 if scale is None else scale
+    state = _initial_state(q, v, initial_state)
+    g = log_decay.to(device=q.device, dtype=torch.float32).view(h, 1, 1)  # [H, 1, 1]
+    qf, kf, vf = (x.float().transpose(1, 2) for x in (q, k, v))  # [B, H, T, d]
+    outs = []
+    for start in range(0, t, chunk_size):
+        end = min(start + chunk_size, t)
+        c = end - start
+        qc, kc, vc = qf[:, :, start:end], kf[:, :, start:end], vf[:, :, start:end]
+        pos = torch.arange(c, device=q.device, dtype=torch.float32)
+        diff = pos.view(c, 1) - pos.view(1, c)  # i - j
+        causal = diff >= 0
+        decay = torch.exp(g * diff.clamp(min=0)) * causal  # [H, c, c]
+        scores = (qc @ kc.transpose(-1, -2)) * decay  # [B, H, c, c]
+        o = scores @ vc + torch.exp(g * (pos.view(c, 1) + 1)) * (qc @ state)
+        outs.append(o)
+        # carry the state over the chunk: decay of each key to the chunk's end
+        k_decay = torch.exp(g * (c - 1 - pos).view(c, 1))  # [H, c, 1]
+        state = torch.exp(g * c) * state + (kc * k_decay).transpose(-1, -2) @ vc
+    o = torch.cat(outs, dim=2) if outs else vf.new_zeros(b, h, 0, v.shape[-1])
+    o = (o * scale).transpose(1, 2).to(q.dtype)
+    return o, (state if output_final_state else None)
+
+
+def recurrent_lightning_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_decay: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Step-by-step Lightning Attention, pure PyTorch (reference for decode).
+
+    Applies ``S_t = gamma * S_{t-1} + k_t^T v_t``, ``o_t = scale * q_t S_t`` one token at a time
+    (SPEC 1a) in fp32. Same arguments, returns and errors as :func:`chunk_lightning_ref`.
+    """
+    _check_inputs(q, k, v, log_decay)
+    b, t, h, dk = q.shape
+    scale = dk**-0.5 if scale is None else scale
+    state = _initial_state(q, v, initial_state)
+    gamma = torch.exp(log_decay.to(device=q.device, dtype=torch.float32)).view(1, h, 1, 1)
+    qf, kf, vf = q.float(), k.float(), v.float()
+    outs = []
+    for i in range(t):
+        state = gamma * state + kf[:, i, :, :, None] * vf[:, i, :, None, :]
+        outs.append(torch.einsum("bhk,bhkv->bhv", qf[:, i], state))
+    o = torch.stack(outs, dim=1) if outs else vf.new_zeros(b, 0, h, v.shape[-1])
+    return (o * scale).to(q.dtype), (state if output_final_state else None)
+
+
+def lightning_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_decay: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Lightning Attention for any length: the recurrent form for a single token (decode), else the chunked form.
+
+    This is the single entry point layers call; kernel dispatch (fla on CUDA) plugs in here.
+    Shapes, dtypes and errors as :func:`chunk_lightning_ref`.
+    """
+    if q.shape[1] == 1:
+        return recurrent_lightning_ref(q, k, v, log_decay, scale, initial_state, output_final_state)
+    return chunk_lightning_ref(q, k, v, log_decay, scale, initial_state, output_final_state, chunk_size)

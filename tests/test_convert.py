@@ -1,0 +1,282 @@
+"""Conversion pipeline: stages, manifests, resume, layer selection, chunked losses, CLI errors."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from hybridize.cli import main
+from hybridize.convert.losses import chunked_cross_entropy, chunked_kl
+from hybridize.convert.pipeline import ConvertOptions, run_convert
+from hybridize.convert.select import halo_scores, select_layers
+from hybridize.convert.stage import StageDir
+from hybridize.models import HybridForCausalLM
+
+WORDS = (
+    "the a river city king music science history war water light old new north south early late year people "
+    "government language book school church field island mountain village road train ship art theory law"
+).split()
+
+
+def _text(rng: random.Random, n_words: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n_words)) + "."
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher_dir(tmp_path_factory):
+    """A tiny random Llama with a word-level tokenizer, saved like a user's local checkpoint."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {w: i for i, w in enumerate(["<|endoftext|>", "<unk>", "."] + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", unk_token="<unk>")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, eos_token_id=0, bos_token_id=None, tie_word_embeddings=True,
+    )
+    path = tmp_path_factory.mktemp("teacher")
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    fast.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("data") / "docs.jsonl"
+    path.write_text("\n".join(json.dumps({"text": _text(rng, 300)}) for _ in range(20)))
+    return path
+
+
+def _opts(teacher, data, out, **kw):
+    base = dict(
+        teacher=str(teacher), data=[str(data)], out=str(out), seq_len=32, stage1_tokens=32 * 4 * 8, stage1_batch=4,
+        stage2_tokens=32 * 4 * 6, stage2_batch=4, selection="even", eval=False, checkpoint_every=3,
+    )
+    base.update(kw)
+    return ConvertOptions(**base)
+
+
+def test_pipeline_writes_complete_stages(tiny_teacher_dir, data_file, tmp_path):
+    summary = run_convert(_opts(tiny_teacher_dir, data_file, tmp_path / "run"))
+    for name in ("stage0", "stage1", "selection", "stage2"):
+        m = StageDir(tmp_path / "run", name).manifest()
+        assert m is not None, name
+        for key in ("stage", "inputs", "tokens_seen", "final_loss", "wall_time_s", "git_commit"):
+            assert key in m
+    assert summary["stage1"]["tokens_seen"] == 32 * 4 * 8
+    assert summary["stage2"]["tokens_seen"] == 32 * 4 * 6
+    assert len(summary["stage2"]["loss_curve"]) == 6
+    model = HybridForCausalLM.from_pretrained(tmp_path / "run" / "stage2" / "model")
+    assert model.config.layer_types == summary["selection"]["layer_types"]
+    assert model.config.layer_types.count("attention") == 1  # floor(4 / 4)
+    assert not (tmp_path / "run" / "stage1" / "checkpoint").exists()
+
+
+def test_killed_stage_resumes_from_checkpoint(tiny_teacher_dir, data_file, tmp_path, monkeypatch):
+    import hybridize.convert.align as align
+
+    real = align.alignment_losses
+    calls = {"n": 0}
+
+    def dying(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 8:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(align, "alignment_losses", dying)
+    opts = _opts(tiny_teacher_dir, data_file, tmp_path / "run")
+    with pytest.raises(KeyboardInterrupt):
+        run_convert(opts)
+    stage1 = StageDir(tmp_path / "run", "stage1")
+    assert StageDir(tmp_path / "run", "stage0").is_complete()
+    assert not stage1.is_complete()
+    meta = json.loads((stage1.checkpoint_path / "meta.json").read_text())
+    assert meta["step"] == 6
+    first_losses = meta["losses"]
+
+    monkeypatch.setattr(align, "alignment_losses", real)
+    summary = run_convert(opts)
+    curve = summary["stage1"]["loss_curve"]
+    assert len(curve) == 8 and curve[:6] == first_losses
+    # an uninterrupted run gives the same curve: the resume restored weights, optimizer and data order
+    fresh = run_convert(_opts(tiny_teacher_dir, data_file, tmp_path / "fresh"))
+    assert fresh["stage1"]["loss_curve"] == pytest.approx(curve, rel=1e-4)
+
+
+def test_halo_scores_and_selection():
+    recall = [0.9, 0.5, 0.85, 0.2]
+    general = [0.6, 0.55, 0.58, 0.59]
+    scores = halo_scores(recall, general)
+    assert scores[1] == pytest.approx((0.9 - 0.5) / (0.6 - 0.55 + 1e-10))
+    assert scores[0] == 0.0
+    assert scores[3] == 50.0  # clipped
+    assert select_layers(4, 2, "halo", recall, general) == [1, 3]
+    assert select_layers(4, 1, "recall-drop", recall, general) == [3]
+    assert select_layers(8, 2, "even") == [2, 6]
+    assert all(i >= 4 for i in select_layers(8, 2, "even-latter"))
+    assert scores[2] == pytest.approx(0.05 / 0.02)
+    assert set(select_layers(8, 2, "even", always_attention=(0, 7))) == {0, 7}
+    with pytest.raises(ValueError, match="out of range"):
+        select_layers(4, 1, "even", always_attention=(9,))
+    with pytest.raises(ValueError, match="unknown selection"):
+        select_layers(4, 1, "best")
+    with pytest.raises(ValueError, match="needs the per-layer scores"):
+        select_layers(4, 1, "halo")
+
+
+def _kl_reference(s_hidden, t_hidden, head_s, head_t, mask=None):
+    ls = torch.log_softmax(head_s(s_hidden).float(), -1)
+    lt = torch.log_softmax(head_t(t_hidden).float(), -1)
+    kl = (lt.exp() * (lt - ls)).sum(-1)
+    if mask is None:
+        return kl.mean()
+    return (kl * mask).sum() / mask.sum()
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 1000])
+def test_chunked_kl_equals_unchunked(chunk):
+    torch.manual_seed(0)
+    head_s, head_t = torch.nn.Linear(16, 50, bias=False), torch.nn.Linear(16, 50, bias=False)
+    s = torch.randn(3, 21, 16, requires_grad=True)
+    t = torch.randn(3, 21, 16)
+    got = chunked_kl(s, t, head_s, head_t, chunk_size=chunk)
+    ref = _kl_reference(s, t, head_s, head_t)
+    assert got.item() == pytest.approx(ref.item(), rel=1e-5)
+    g1 = torch.autograd.grad(got, s)[0]
+    g2 = torch.autograd.grad(ref, s)[0]
+    assert torch.allclose(g1, g2, atol=1e-6)
+
+
+def test_chunked_kl_ignores_masked_positions():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False)
+    t = torch.randn(2, 10, 16)
+    mask = torch.ones(2, 10)
+    mask[0, :4] = 0
+    s = t.clone()
+    s[0, :4] = torch.randn(4, 16) * 100  # garbage at masked positions
+    loss = chunked_kl(s, t, head, head, mask=mask, chunk_size=3)
+    assert loss.item() == 0.0
+    s2 = s.clone()
+    s2[0, :4] = torch.randn(4, 16)
+    assert chunked_kl(s2, t, head, head, mask=mask).item() == 0.0
+
+
+def test_chunked_cross_entropy_matches_full():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 30)
+    h = torch.randn(2, 13, 8)
+    y = torch.randint(0, 30, (2, 13))
+    full = torch.nn.functional.cross_entropy(head(h)[:, :-1].reshape(-1, 30), y[:, 1:].reshape(-1))
+    assert chunked_cross_entropy(h, y, head, chunk_size=5).item() == pytest.approx(full.item(), rel=1e-5)
+
+
+# ---- bad input: a clear error, exit 2, nothing that looks complete -----------------------------------
+
+
+def _run_cli(capsys, *args):
+    code = main(list(args))
+    return code, capsys.readouterr().err
+
+
+def test_cli_missing_teacher(capsys, tmp_path):
+    code, err = _run_cli(capsys, "convert", "--teacher", str(tmp_path / "nope"), "--out", str(tmp_path / "run"))
+    assert code == 2 and "error:" in err and "nope" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_unsupported_architecture(capsys, tmp_path):
+    d = tmp_path / "gpt2"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    code, err = _run_cli(capsys, "convert", "--teacher", str(d), "--out", str(tmp_path / "run"))
+    assert code == 2 and "gpt2" in err and "llama" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_empty_data_file(capsys, tmp_path, tiny_teacher_dir):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    code, err = _run_cli(capsys, "convert", "--teacher", str(tiny_teacher_dir), "--data", str(empty), "--out", str(tmp_path / "run"))
+    assert code == 2 and "empty.txt" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_budget_smaller_than_one_batch(capsys, tmp_path, tiny_teacher_dir, data_file):
+    code, err = _run_cli(
+        capsys, "convert", "--teacher", str(tiny_teacher_dir), "--data", str(data_file), "--out", str(tmp_path / "run"),
+        "--stage2-tokens", "100",
+    )
+    assert code == 2 and "smaller than one batch" in err and "stage2" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_data_smaller_than_one_batch(capsys, tmp_path, tiny_teacher_dir):
+    small = tmp_path / "small.txt"
+    small.write_text("the river city king music.")
+    code, err = _run_cli(capsys, "convert", "--teacher", str(tiny_teacher_dir), "--data", str(small), "--out", str(tmp_path / "run"))
+    assert code == 2 and "error:" in err
+    assert not StageDir(tmp_path / "run", "stage1").is_complete()
+
+
+# ---- the real teacher on real text -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def real_setup():
+    from hybridize.convert.teachers import load_teacher
+    from hybridize.data import document_separator_id, load_default_corpus, pack_sequences, tokenize_documents
+
+    teacher, tok = load_teacher()
+    teacher.requires_grad_(False).eval()
+    docs = load_default_corpus().train[:40]
+    seqs = pack_sequences(tokenize_documents(docs, tok), 128, document_separator_id(tok))
+    return teacher, tok, seqs
+
+
+@pytest.mark.teacher
+def test_stage1_mse_falls_on_real_text(real_setup, tmp_path):
+    from hybridize.convert.align import run_stage1
+    from hybridize.convert.trainer import TrainSettings
+
+    teacher, _, seqs = real_setup
+    settings = TrainSettings(tokens=128 * 2 * 30, seq_len=128, batch_size=2, lr=1e-3, lr_final=1e-4, warmup=3)
+    m = run_stage1(teacher, seqs, tmp_path, settings, {"teacher": "smollm2"})
+    curve = m["loss_curve"]
+    assert len(curve) == 30
+    first, last = sum(curve[:3]) / 3, sum(curve[-5:]) / 5
+    assert last < 0.7 * first, (first, last)
+
+
+@pytest.mark.teacher
+def test_stage2_kl_falls_on_real_text(real_setup, tmp_path):
+    from hybridize.convert.distill import build_hybrid, trainable_parameters
+    from hybridize.convert.losses import chunked_kl
+    from hybridize.convert.stage import StageDir
+    from hybridize.convert.trainer import TrainSettings, train
+
+    teacher, _, seqs = real_setup
+    n = teacher.config.num_hidden_layers
+    layer_types = ["attention" if i % 4 == 3 else "lightning" for i in range(n)]
+    student = build_hybrid(teacher, layer_types, None)  # stage-0 Lightning init: a high KL to bring down
+    student.train()
+    params = trainable_parameters(student)
+
+    def loss_fn(batch):
+        with torch.no_grad():
+            t = teacher.model(input_ids=batch, use_cache=False).last_hidden_state
+        s = student.model(input_ids=batch, use_cache=False).last_hidden_state
+        return chunked_kl(s, t, student.lm_head, teacher.lm_head)
+
+    settings = TrainSettings(tokens=64 * 2 * 16, seq_len=64, batch_size=2, lr=3e-4, lr_final=1e-4, warmup=2)
+    result = train(StageDir(tmp_path, "stage2"), params, loss_fn, seqs[:, :64].contiguous(), settings)
+    curve = result.losses
+    assert sum(curve[-4:]) / 4 < 0.8 * sum(curve[:2]) / 2, curve
