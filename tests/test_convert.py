@@ -79,6 +79,16 @@ def test_pipeline_writes_complete_stages(tiny_teacher_dir, data_file, tmp_path):
     assert not (tmp_path / "run" / "stage1" / "checkpoint").exists()
 
 
+def test_cli_generate_streams_from_run_dir(tiny_teacher_dir, data_file, tmp_path, capsys):
+    run_convert(_opts(tiny_teacher_dir, data_file, tmp_path / "run"))
+    code = main(["generate", "--model", str(tmp_path / "run"), "--prompt", "the river", "--max-new-tokens", "6"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert out.startswith("the river") and len(out.strip()) > len("the river")
+    # the teacher directory works too
+    assert main(["generate", "--model", str(tiny_teacher_dir), "--prompt", "the city", "--max-new-tokens", "3"]) == 0
+
+
 def test_killed_stage_resumes_from_checkpoint(tiny_teacher_dir, data_file, tmp_path, monkeypatch):
     import hybridize.convert.align as align
 

@@ -196,6 +196,7 @@ def test_passkey_prompt_length_cap_and_layout(tokenizer, filler):
         assert decoded.endswith(QUESTION)
         assert NEEDLE_TEMPLATE.format(passkey=12345) in decoded
         assert decoded.count("12345") == 2
+        assert "\n" not in decoded and "  " not in decoded  # whitespace runs collapsed to one space
 
 
 @pytest.mark.parametrize("depth", [0.0, 0.1, 0.5, 0.9, 1.0])
@@ -367,14 +368,19 @@ def test_decode_speed_matches_generate(tiny):
     for key in ("prefill_seconds", "decode_seconds", "decode_tokens_per_s", "decode_ms_per_step"):
         assert r[key] > 0
     assert r["decode_tokens_per_s"] == pytest.approx(2 * 6 / r["decode_seconds"])
+    assert r["warmup"] == "full" and r["cold_decode_ms_per_step"] > 0
     assert r["cache_bytes"] == 2 * (20 + 6) * _kv_bytes_per_token()
     prompt = r["prompt_ids"]
     assert prompt.shape == (2, 20) and r["tokens"].shape == (2, 6)
     out = tiny.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False,
                         pad_token_id=0)
     assert torch.equal(out[:, 20:], r["tokens"])
+    short = decode_speed(tiny, prompt_len=20, new_tokens=6, batch_size=2, seed=3, warmup="short", return_tokens=True)
+    assert torch.equal(short["tokens"], r["tokens"]) and "cold_decode_ms_per_step" not in short
     with pytest.raises(ValueError):
         decode_speed(tiny, prompt_len=0, new_tokens=4)
+    with pytest.raises(ValueError, match="warmup"):
+        decode_speed(tiny, prompt_len=4, new_tokens=4, warmup="twice")
 
 
 # ---------------------------------------------------------------- report
@@ -409,6 +415,11 @@ def test_compare_table_layout():
     assert lines[-1] == "| note | x\\|y | — |"  # unknown keys last, pipes escaped
     with pytest.raises(ValueError):
         compare_table({})
+    # length-tagged keys get labels and are ordered by length within their group
+    t2 = compare_table({"m": {"layer_types": "LA", "ppl_8192": 3.0, "passkey_4k": 0.25, "ppl_64": 9.0,
+                              "cache_bytes_at_32k": 2**30}})
+    assert [line.split(" | ")[0][2:] for line in t2.strip().split("\n")[2:]] == [
+        "Perplexity @64", "Perplexity @8192", "Passkey accuracy @4K", "Cache @32K tokens", "Layer types"]
 
 
 def test_write_report(tmp_path):
@@ -433,6 +444,8 @@ def test_write_report(tmp_path):
     assert len(list((tmp_path / "out").iterdir())) == 2
     with pytest.raises(ValueError, match="models"):
         write_report({"teacher": {}}, tmp_path)
+    alias = write_report({"metrics": {"hybrid": {"ppl_512": 3.0}}, "details": {}}, tmp_path / "alias")
+    assert "| Perplexity @512 | 3.00 |" in alias["md"].read_text()
 
 
 def test_evaluate_model_standard_keys(tok_model, tokenizer, tmp_path):
@@ -448,3 +461,30 @@ def test_evaluate_model_standard_keys(tok_model, tokenizer, tmp_path):
     assert m["cache_bytes_at_8k"] == 8192 * _kv_bytes_per_token()
     assert m["layer_types"] == "AA"
     write_report({"models": {"teacher": m}, "details": res["details"]}, tmp_path)
+
+
+def test_on_hybrid_model_when_available():
+    """The library's own hybrid model (Lightning + attention, own cache with nbytes()) through every metric."""
+    models = pytest.importorskip("hybridize.models")
+    from hybridize.models.configuration import HybridConfig
+
+    torch.manual_seed(0)
+    cfg = HybridConfig(vocab_size=128, hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=4,
+                       num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
+                       layer_types=["lightning", "lightning", "lightning", "attention"],
+                       pad_token_id=0, bos_token_id=0, eos_token_id=1)
+    model = models.HybridForCausalLM(cfg).eval()
+    seqs = torch.randint(0, 128, (2, 70))
+    r = heldout_perplexity(model, seqs, chunk_size=9, progress=False)
+    with torch.no_grad():
+        ref = model(input_ids=seqs, labels=seqs).loss.item()
+    assert r["method"] == "hidden-chunked" and r["loss"] == pytest.approx(ref, abs=1e-5)
+    s = decode_speed(model, prompt_len=24, new_tokens=6, batch_size=2, return_tokens=True)
+    out = model.generate(s["prompt_ids"], attention_mask=torch.ones_like(s["prompt_ids"]), max_new_tokens=6,
+                         do_sample=False, pad_token_id=0)
+    assert torch.equal(out[:, 24:], s["tokens"])
+    f = cache_footprint(model, lengths=(16, 48))
+    per_token = 2 * 1 * KV_HEADS * HEAD_DIM * 4  # one attention layer, fp32 K and V
+    fixed = 3 * HEADS * HEAD_DIM * HEAD_DIM * 4  # three Lightning states [H, d, d] fp32
+    assert f["bytes_per_token"] == per_token and f["fixed_bytes"] == fixed
+    assert s["cache_bytes"] == 2 * (fixed + (24 + 6) * per_token)

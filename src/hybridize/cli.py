@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 __all__ = ["main"]
@@ -182,7 +183,10 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninterrupted: run the same command again to resume from the last checkpoint", file=sys.stderr)
         return 130
     except (HybridizeError, FileNotFoundError, ValueError) as e:
+        if os.environ.get("HYBRIDIZE_DEBUG"):
+            raise
         print(f"error: {e}", file=sys.stderr)
+        print("(set HYBRIDIZE_DEBUG=1 for the full traceback)", file=sys.stderr)
         return 2
 
 

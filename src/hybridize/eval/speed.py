@@ -80,6 +80,32 @@ def _step(model: nn.Module, cache_arg: str, token: torch.Tensor, mask: torch.Ten
     return model(input_ids=token, attention_mask=mask, use_cache=True, **{cache_arg: cache})
 
 
+def _timed_pass(
+    model: nn.Module, cache_arg: str, ids: torch.Tensor, new_tokens: int, device: torch.device, keep_tokens: bool
+) -> tuple[float, float, Any, list[torch.Tensor]]:
+    """Prefill ``ids`` then decode ``new_tokens`` greedy steps; returns (prefill s, decode s, cache, fed tokens)."""
+    batch_size, prompt_len = ids.shape
+    mask = torch.ones(batch_size, prompt_len + new_tokens, dtype=torch.long, device=device)
+    t0 = timed_clock(device)
+    out = _prefill(model, ids, mask[:, :prompt_len])
+    tok = output_logits(out)[:, -1].argmax(-1, keepdim=True)
+    t1 = timed_clock(device)
+    cache = output_cache(out)
+    if cache is None:
+        raise RuntimeError(f"{type(model).__name__} returned no cache with use_cache=True")
+    del out
+    fed: list[torch.Tensor] = []
+    t2 = timed_clock(device)
+    for i in range(new_tokens):
+        if keep_tokens:
+            fed.append(tok)
+        out = _step(model, cache_arg, tok, mask[:, : prompt_len + i + 1], cache)
+        cache = output_cache(out)
+        tok = output_logits(out)[:, -1].argmax(-1, keepdim=True)
+    t3 = timed_clock(device)
+    return t1 - t0, t3 - t2, cache, fed
+
+
 @torch.inference_mode()
 def decode_speed(
     model: nn.Module,
@@ -88,7 +114,7 @@ def decode_speed(
     batch_size: int = 1,
     vocab_size: int | None = None,
     seed: int = 0,
-    warmup: bool = True,
+    warmup: str | bool = "full",
     return_tokens: bool = False,
 ) -> dict[str, Any]:
     """Time one prefill and a greedy token-by-token decode through the model's cache.
@@ -96,9 +122,14 @@ def decode_speed(
     A random prompt [batch_size, prompt_len] (token ids drawn from ``torch.Generator().manual_seed(seed)``)
     is prefilled once with ``use_cache=True`` (only the last logits kept when the forward accepts
     ``logits_to_keep``); then ``new_tokens`` forward calls each feed the previous greedy (argmax) token
-    of shape [batch_size, 1] and the cache. Clocks are ``time.perf_counter`` read after synchronising
-    the device (CUDA). With ``warmup`` a short untimed prefill + 2 decode steps runs first (lazy init,
-    kernel selection).
+    of shape [batch_size, 1], a growing all-ones ``attention_mask`` and the cache. Clocks are
+    ``time.perf_counter`` read after synchronising the device (CUDA).
+
+    Warm-up matters on GPU: with torch's cuDNN SDPA backend (Hopper) every new KV length builds a new
+    plan, so the first pass over a set of lengths ran about 9x slower per decode step (H200, measured:
+    48 ms vs 5.7 ms per step for an 8-layer model at 4K). ``warmup="full"`` (default) therefore runs the
+    identical prefill + decode once untimed and reports its numbers as ``cold_*``; ``"short"`` only runs
+    a 16-token prefill + 2 steps (lazy init); ``False``/``"none"`` runs nothing (cold numbers only).
 
     Args:
         model: causal LM (eval mode for the call).
@@ -107,7 +138,7 @@ def decode_speed(
         batch_size: sequences decoded together (>= 1).
         vocab_size: range of random token ids; default ``model.config.vocab_size``.
         seed: seed of the random prompt.
-        warmup: run an untimed warm-up first.
+        warmup: ``"full"`` (True), ``"short"`` or ``"none"`` (False); see above.
         return_tokens: also return ``prompt_ids`` (LongTensor [batch_size, prompt_len]) and ``tokens``
             (LongTensor [batch_size, new_tokens], the greedy tokens fed to the decode steps, CPU) for
             checking the decode against ``model.generate``.
@@ -115,56 +146,39 @@ def decode_speed(
     Returns:
         dict with ``prefill_seconds`` (float, s, time to the first token's logits), ``decode_seconds``
         (float, s, all ``new_tokens`` steps), ``decode_tokens_per_s`` (``batch_size * new_tokens /
-        decode_seconds``, tokens/s over the batch), ``decode_ms_per_step`` (ms per step), ``prefill_tokens_per_s``,
-        ``prompt_len``, ``new_tokens``, ``batch_size``, ``cache_bytes`` (bytes after decoding, None when the
-        cache cannot be measured) and ``peak_memory_bytes`` (CUDA only, else None).
+        decode_seconds``, tokens/s over the batch), ``decode_ms_per_step`` (ms per step),
+        ``prefill_tokens_per_s``, ``prompt_len``, ``new_tokens``, ``batch_size``, ``warmup``,
+        ``cache_bytes`` (bytes after decoding, None when the cache cannot be measured),
+        ``peak_memory_bytes`` (CUDA only, else None) and, with ``warmup="full"``,
+        ``cold_prefill_seconds`` and ``cold_decode_ms_per_step`` from the untimed pass.
 
     Raises:
-        ValueError: ``prompt_len``, ``new_tokens`` or ``batch_size`` < 1, or no vocabulary size.
+        ValueError: ``prompt_len``, ``new_tokens`` or ``batch_size`` < 1, bad ``warmup``, or no vocabulary size.
         RuntimeError: the model returned no cache with ``use_cache=True``.
     """
     if prompt_len < 1 or new_tokens < 1 or batch_size < 1:
         raise ValueError(f"prompt_len, new_tokens and batch_size must be >= 1, got {prompt_len}, {new_tokens}, {batch_size}")
+    mode = ("full" if warmup else "none") if isinstance(warmup, bool) else warmup
+    if mode not in ("full", "short", "none"):
+        raise ValueError(f'warmup must be "full", "short", "none" or a bool, got {warmup!r}')
     vocab = _vocab(model, vocab_size)
     device = model_device(model)
     cache_arg = cache_kwarg_name(model)
+    ids = _random_prompt(batch_size, prompt_len, vocab, seed, device)
+    cold: dict[str, Any] = {}
     was_training = model.training
     model.eval()
     try:
-        if warmup:
+        if mode == "short":
             w_ids = _random_prompt(batch_size, min(prompt_len, 16), vocab, seed + 1, device)
-            w_mask = torch.ones(batch_size, w_ids.shape[1] + 2, dtype=torch.long, device=device)
-            out = _prefill(model, w_ids, w_mask[:, : w_ids.shape[1]])
-            cache = output_cache(out)
-            tok = output_logits(out)[:, -1].argmax(-1, keepdim=True)
-            for i in range(2):
-                out = _step(model, cache_arg, tok, w_mask[:, : w_ids.shape[1] + i + 1], cache)
-                cache = output_cache(out)
-                tok = output_logits(out)[:, -1].argmax(-1, keepdim=True)
-            del out, cache, tok
-
-        ids = _random_prompt(batch_size, prompt_len, vocab, seed, device)
-        mask = torch.ones(batch_size, prompt_len + new_tokens, dtype=torch.long, device=device)
+            _timed_pass(model, cache_arg, w_ids, 2, device, False)
+        elif mode == "full":
+            p_s, d_s, cache, _ = _timed_pass(model, cache_arg, ids, new_tokens, device, False)
+            del cache
+            cold = {"cold_prefill_seconds": p_s, "cold_decode_ms_per_step": 1000.0 * d_s / new_tokens}
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-
-        t0 = timed_clock(device)
-        out = _prefill(model, ids, mask[:, :prompt_len])
-        tok = output_logits(out)[:, -1].argmax(-1, keepdim=True)
-        t1 = timed_clock(device)
-        cache = output_cache(out)
-        if cache is None:
-            raise RuntimeError(f"{type(model).__name__} returned no cache with use_cache=True")
-        del out
-        fed = []
-        t2 = timed_clock(device)
-        for i in range(new_tokens):
-            if return_tokens:
-                fed.append(tok)
-            out = _step(model, cache_arg, tok, mask[:, : prompt_len + i + 1], cache)
-            cache = output_cache(out)
-            tok = output_logits(out)[:, -1].argmax(-1, keepdim=True)
-        t3 = timed_clock(device)
+        prefill_s, decode_s, cache, fed = _timed_pass(model, cache_arg, ids, new_tokens, device, return_tokens)
         try:
             nbytes: int | None = cache_nbytes(cache)
         except TypeError:
@@ -173,7 +187,6 @@ def decode_speed(
     finally:
         model.train(was_training)
 
-    prefill_s, decode_s = t1 - t0, t3 - t2
     extra = {"prompt_ids": ids.cpu(), "tokens": torch.cat(fed, dim=1).cpu()} if return_tokens else {}
     return {
         "prefill_seconds": prefill_s,
@@ -184,8 +197,10 @@ def decode_speed(
         "prompt_len": prompt_len,
         "new_tokens": new_tokens,
         "batch_size": batch_size,
+        "warmup": mode,
         "cache_bytes": nbytes,
         "peak_memory_bytes": peak,
+        **cold,
         **extra,
     }
 
