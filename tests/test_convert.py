@@ -290,3 +290,55 @@ def test_stage2_kl_falls_on_real_text(real_setup, tmp_path):
     result = train(StageDir(tmp_path, "stage2"), params, loss_fn, seqs[:, :64].contiguous(), settings)
     curve = result.losses
     assert sum(curve[-4:]) / 4 < 0.8 * sum(curve[:2]) / 2, curve
+
+
+def test_cli_select_recomputes_and_prints(tiny_teacher_dir, data_file, tmp_path, capsys):
+    run_convert(_opts(tiny_teacher_dir, data_file, tmp_path / "run"))
+    assert main(["select", "--run", str(tmp_path / "run"), "--selection", "even-latter", "--num-attention", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "attention layers [2, 3]" in out
+    m = StageDir(tmp_path / "run", "selection").manifest()
+    assert m["layer_types"] == ["lightning", "lightning", "attention", "attention"]
+    code = main(["select", "--run", str(tmp_path / "nothing")])
+    assert code == 2 and "no complete stage 1" in capsys.readouterr().err
+
+
+def test_layer_sweep_equals_full_forward_of_each_replaced_model(tiny_teacher_dir):
+    """The sweep reuses the teacher's hidden states up to layer i; check it against a full M(i) forward."""
+    import torch.nn.functional as F
+
+    from hybridize.convert.align import build_lightning_students
+    from hybridize.convert.select import ScoringData, layer_sweep
+    from hybridize.convert.transfer import build_student
+
+    torch.manual_seed(0)
+    teacher = LlamaForCausalLM.from_pretrained(tiny_teacher_dir).eval()
+    mixers, _ = build_lightning_students(teacher)
+    for m in mixers:  # perturb so that every M(i) differs from the teacher
+        for p in m.parameters():
+            p.data.add_(torch.randn_like(p) * 0.05)
+    exact, _ = build_student(teacher, ["attention"] * 4, attention_rope=True)
+    ids = torch.randint(0, teacher.config.vocab_size, (3, 20))
+    mask = torch.zeros_like(ids)
+    mask[:, 12:] = 1
+    general = torch.randint(0, teacher.config.vocab_size, (2, 24))
+    sweep = layer_sweep(exact, mixers, ScoringData(ids, mask, general), batch_size=2, progress=False)
+
+    def gold_prob(logits, x, m):
+        p = F.softmax(logits[:, :-1], -1).gather(-1, x[:, 1:, None]).squeeze(-1)
+        return ((p * m[:, 1:]).sum(-1) / m[:, 1:].sum(-1)).mean().item()
+
+    for i in range(4):
+        types = ["attention"] * 4
+        types[i] = "lightning"
+        m_i, _ = build_student(teacher, types, attention_rope=True)
+        m_i.model.layers[i].self_attn.load_state_dict(mixers[i].state_dict())
+        with torch.no_grad():
+            r = gold_prob(m_i(ids).logits, ids, mask.float())
+            c = gold_prob(m_i(general).logits, general, torch.ones_like(general).float())
+            t_logp = F.log_softmax(teacher(general).logits, -1)
+            kl = (t_logp.exp() * (t_logp - F.log_softmax(m_i(general).logits, -1))).sum(-1).mean().item()
+        assert sweep["R"][i] == pytest.approx(r, rel=1e-4)
+        assert sweep["C"][i] == pytest.approx(c, rel=1e-4)
+        assert sweep["KL"][i] == pytest.approx(kl, rel=1e-3, abs=1e-6)
+        assert sweep["KL"][i] > 0

@@ -34,10 +34,14 @@ def _convert(args) -> int:
         num_attention=args.num_attention,
         selection=args.selection,
         layer_types=args.layer_types,
+        recall_tasks=args.recall_tasks,
+        general_tasks=args.general_tasks,
+        lm_eval_limit=args.lm_eval_limit,
         eval=not args.no_eval,
         eval_passkey_trials=args.passkey_trials,
         seed=args.seed,
         threads=args.threads,
+        device=args.device,
     )
     summary = run_convert(opts)
     report = summary.get("eval")
@@ -99,6 +103,21 @@ def _generate(args) -> int:
     return 0
 
 
+def _select(args) -> int:
+    from .convert.pipeline import reselect
+
+    m = reselect(args.run, args.selection, args.num_attention)
+    if "R" in m:
+        print(f"{'layer':>5} {'R':>8} {'C':>8} {'KL':>8} {'score':>8}")
+        for i in range(len(m["R"])):
+            mark = "  <- attention" if i in m["attention_layers"] else ""
+            print(f"{i:>5} {m['R'][i]:8.4f} {m['C'][i]:8.4f} {m['KL'][i]:8.4f} {m['score'][i]:8.3f}{mark}")
+        print(f"teacher: R {m['teacher_scores']['R']:.4f}  C {m['teacher_scores']['C']:.4f}")
+        print(f"plot: {args.run}/selection/scores.png")
+    print(f"{m['method']}: attention layers {m['attention_layers']}")
+    return 0
+
+
 def _eval(args) -> int:
     from pathlib import Path
 
@@ -144,11 +163,21 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--num-attention", type=int, default=None, help="attention layers to keep (default: floor(L/4))")
     c.add_argument("--selection", choices=SELECTION_METHODS, default=d.selection, help="layer selection method")
     c.add_argument("--layer-types", default=None, help="fixed schedule, one letter a layer (A attention, L lightning); skips selection")
+    c.add_argument("--recall-tasks", nargs="+", default=None, help="lm-eval tasks for the recall score R (e.g. squad_completion fda swde); needs lm-eval and network")
+    c.add_argument("--general-tasks", nargs="+", default=None, help="lm-eval tasks for the general score C (e.g. hellaswag arc_easy arc_challenge)")
+    c.add_argument("--lm-eval-limit", type=int, default=None, help="examples per lm-eval task")
     c.add_argument("--passkey-trials", type=int, default=d.eval_passkey_trials)
     c.add_argument("--no-eval", action="store_true", help="skip the teacher-vs-hybrid evaluation")
     c.add_argument("--seed", type=int, default=d.seed)
     c.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    c.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available); under torchrun one GPU per process")
     c.set_defaults(func=_convert)
+
+    s = sub.add_parser("select", help="layer selection on a run with stage 1 done: per-layer R, C, KL, score and a plot")
+    s.add_argument("--run", required=True, help="run directory of `hybridize convert`")
+    s.add_argument("--selection", choices=SELECTION_METHODS, default=None, help="method (default: the run's)")
+    s.add_argument("--num-attention", type=int, default=None)
+    s.set_defaults(func=_select)
 
     g = sub.add_parser("generate", help="stream text from a converted checkpoint or a teacher")
     g.add_argument("--model", required=True, help="converted model dir, run dir, teacher dir, hub id, or 'smollm2'")

@@ -16,6 +16,7 @@ from torch import nn
 
 from ..layers.common import RotaryEmbedding
 from ..models import HybridConfig
+from .distributed import barrier, context, full_tensor, shard_modules
 from .stage import StageDir, save_tensors_atomic
 from .trainer import TrainSettings, train
 from .transfer import build_student
@@ -103,8 +104,15 @@ def alignment_losses(
 
 
 def mixers_state(mixers: nn.ModuleList) -> dict[str, torch.Tensor]:
-    """``{"layers.{i}.{param}": tensor}`` for every mixer."""
-    return {f"layers.{i}.{k}": v for i, m in enumerate(mixers) for k, v in m.state_dict().items()}
+    """``{"layers.{i}.{param}": tensor}`` for every mixer (whole tensors; collective when sharded)."""
+    return {f"layers.{i}.{k}": full_tensor(v) for i, m in enumerate(mixers) for k, v in m.state_dict().items()}
+
+
+def _save_mixers(mixers: nn.ModuleList, path) -> None:
+    state = mixers_state(mixers)
+    if context().is_main:
+        save_tensors_atomic(state, path)
+    barrier()
 
 
 def load_mixers(mixers: nn.ModuleList, tensors: dict[str, torch.Tensor]) -> None:
@@ -140,13 +148,14 @@ def run_stage1(teacher, train_data: torch.Tensor, run_dir, settings: TrainSettin
     mixers, config = build_lightning_students(teacher)
     if not stage0.is_complete():
         stage0.begin()
-        save_tensors_atomic(mixers_state(mixers), stage0.path / MIXERS_FILE)
+        _save_mixers(mixers, stage0.path / MIXERS_FILE)
         stage0.complete(inputs, tokens_seen=0, final_loss=None, extra={"layer_types": config.layer_types})
     else:
         load_mixers(mixers, load_file(str(stage0.path / MIXERS_FILE)))
     stage1.begin()
     rotary = RotaryEmbedding(config)
-    mixers.train()
+    mixers.to(context().device).train()
+    shard_modules(list(mixers))
     params = {f"layers.{i}.{k}": p for i, m in enumerate(mixers) for k, p in m.named_parameters()}
     last_layer_losses: list[float] = []
 
@@ -157,7 +166,7 @@ def run_stage1(teacher, train_data: torch.Tensor, run_dir, settings: TrainSettin
 
     loss_fn.did_backward = True
     result = train(stage1, params, loss_fn, train_data, settings, seed=seed, desc="stage 1 align")
-    save_tensors_atomic(mixers_state(mixers), stage1.path / MIXERS_FILE)
+    _save_mixers(mixers, stage1.path / MIXERS_FILE)
     return stage1.complete(
         {**inputs, "init": str(stage0.path)},
         tokens_seen=result.tokens_seen,

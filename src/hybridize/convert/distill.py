@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from .align import MIXERS_FILE
+from .distributed import barrier, context, shard_modules
 from .losses import chunked_cross_entropy, chunked_kl
 from .stage import StageDir
 from .trainer import TrainSettings, train
@@ -60,22 +61,37 @@ def trainable_parameters(model) -> dict[str, torch.nn.Parameter]:
 
 
 def save_model_atomic(model, tokenizer, path: Path) -> None:
-    """``save_pretrained`` model (safetensors) and tokenizer into ``path`` via a temporary directory."""
+    """``save_pretrained`` model (safetensors) and tokenizer into ``path`` via a temporary directory.
+
+    Collective when the model is FSDP2-sharded: the whole state dict is gathered and rank 0 writes it.
+    """
+    state_dict = None
+    if context().enabled:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not context().is_main:
+        barrier()
+        return
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, state_dict=state_dict)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     if path.exists():
         shutil.rmtree(path)
     os.replace(tmp, path)
+    barrier()
 
 
 def _distill(stage, teacher, student, tokenizer, data, settings, inputs, seed, loss_kind, extra) -> dict:
-    student.train()
-    params = trainable_parameters(student)
+    student.to(context().device).train()
+    params_before = trainable_parameters(student)  # freezes embeddings / head before sharding
+    frozen = {p for p in student.parameters() if not p.requires_grad}
+    shard_modules(list(student.model.layers), student.model, ignored=frozen)
+    params = {name: p for name, p in student.named_parameters() if name in params_before}
 
     def kl_loss(batch):
         with torch.no_grad():

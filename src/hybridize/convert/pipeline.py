@@ -21,7 +21,7 @@ from .distill import MODEL_DIR, run_stage2, run_stage3
 from .stage import StageDir, atomic_write_text, setup_logging
 from .trainer import TrainSettings, plan_steps
 
-__all__ = ["ConvertOptions", "run_convert", "run_selection", "final_model_dir"]
+__all__ = ["ConvertOptions", "run_convert", "run_selection", "reselect", "final_model_dir", "load_run_data", "split_heldout"]
 
 log = logging.getLogger("hybridize")
 
@@ -53,12 +53,16 @@ class ConvertOptions:
     selection: str = "halo"
     layer_types: str | None = None
     recall_examples: int = 16
+    recall_tasks: list[str] | None = None
+    general_tasks: list[str] | None = None
+    lm_eval_limit: int | None = None
     eval: bool = True
     eval_ppl_lengths: tuple[int, ...] = (512, 2048)
     eval_ppl_sequences: int = 4
     eval_passkey_lengths: tuple[int, ...] = (1024, 2048)
     eval_passkey_trials: int = 10
     checkpoint_every: int = 20
+    device: str | None = None
     seed: int = 0
     threads: int | None = None
     extra: dict = field(default_factory=dict)
@@ -90,7 +94,8 @@ def run_selection(teacher, tokenizer, run_dir: Path, opts: ConvertOptions, heldo
     from ..data import load_qa
     from ..models import layer_types_from_str
     from .align import MIXERS_FILE, build_lightning_students, load_mixers
-    from .select import build_scoring_data, halo_scores, layer_sweep, plot_scores, select_layers
+    from .distributed import context
+    from .select import build_scoring_data, halo_scores, layer_sweep, layer_sweep_with, plot_scores, select_layers
     from .transfer import build_student
 
     stage = StageDir(run_dir, "selection")
@@ -105,23 +110,39 @@ def run_selection(teacher, tokenizer, run_dir: Path, opts: ConvertOptions, heldo
             raise ValueError(f"--layer-types has {len(layer_types)} letters, the teacher has {n} layers")
         return stage.complete(inputs, 0, None, {"method": "given", "layer_types": layer_types})
     sweep, scores = None, None
-    if opts.selection in ("halo", "recall-drop"):
+    if opts.selection in ("halo", "recall-drop", "kl-guided"):
         mixers, _ = build_lightning_students(teacher)
         load_mixers(mixers, load_file(str(Path(run_dir) / "stage1" / MIXERS_FILE)))
         exact, _ = build_student(teacher, ["attention"] * n, attention_rope=True)
-        data = build_scoring_data(tokenizer, load_qa("squad"), heldout_general, num_recall=opts.recall_examples)
-        sweep = layer_sweep(exact, mixers, data)
+        if opts.recall_tasks or opts.general_tasks:
+            from ..eval.lm_eval_adapter import lm_eval_scorer
+
+            if not (opts.recall_tasks and opts.general_tasks) or opts.selection == "kl-guided":
+                raise ValueError("lm-eval selection needs both --recall-tasks and --general-tasks, and method halo or recall-drop")
+            scorers = {
+                "R": lm_eval_scorer(tokenizer, opts.recall_tasks, opts.lm_eval_limit),
+                "C": lm_eval_scorer(tokenizer, opts.general_tasks, opts.lm_eval_limit),
+            }
+            sweep = {**layer_sweep_with(exact, mixers, scorers), "KL": [float("nan")] * n}
+        else:
+            data = build_scoring_data(tokenizer, load_qa("squad"), heldout_general, num_recall=opts.recall_examples)
+            sweep = layer_sweep(exact, mixers, data)
         scores = halo_scores(sweep["R"], sweep["C"])
         del exact, mixers
-    chosen = select_layers(n, k, opts.selection, sweep and sweep["R"], sweep and sweep["C"])
+    ranking = sweep and (sweep["KL"] if opts.selection == "kl-guided" else sweep["R"])
+    chosen = select_layers(n, k, opts.selection, ranking, sweep and sweep["C"])
     layer_types = ["attention" if i in chosen else "lightning" for i in range(n)]
     extra = {"method": opts.selection, "num_attention": k, "attention_layers": chosen, "layer_types": layer_types}
     if sweep is not None:
-        extra.update({"teacher_scores": sweep["teacher"], "R": sweep["R"], "C": sweep["C"], "score": scores})
-        atomic_write_text(stage.path / "scores.json", json.dumps(extra, indent=2))
-        plot_scores(sweep, scores, chosen, stage.path / "scores.png")
+        extra.update({"teacher_scores": sweep["teacher"], "R": sweep["R"], "C": sweep["C"], "KL": sweep["KL"], "score": scores})
+        if context().is_main:
+            atomic_write_text(stage.path / "scores.json", json.dumps(extra, indent=2))
+            plot_scores(sweep, scores, chosen, stage.path / "scores.png")
         for i in range(n):
-            log.info("layer %2d  R %.4f  C %.4f  score %7.3f %s", i, sweep["R"][i], sweep["C"][i], scores[i], "<- attention" if i in chosen else "")
+            log.info(
+                "layer %2d  R %.4f  C %.4f  KL %.4f  score %7.3f %s",
+                i, sweep["R"][i], sweep["C"][i], sweep["KL"][i], scores[i], "<- attention" if i in chosen else "",
+            )
     log.info("selection (%s): attention layers %s -> %s", opts.selection, chosen, layer_types_to_str(layer_types))
     return stage.complete(inputs, 0, None, extra)
 
@@ -139,6 +160,23 @@ def split_heldout(token_docs: list[list[int]]) -> tuple[list[list[int]], list[li
     return [doc[:cut]], [doc[cut:]]
 
 
+def load_run_data(opts: ConvertOptions, tokenizer) -> tuple[list[list[int]], list[list[int]], object]:
+    """Tokenised ``(train, held-out, description)`` documents of a run: the user's ``--data`` split by
+    :func:`split_heldout`, or the bundled corpus with its fixed held-out split.
+
+    Raises:
+        hybridize.errors.DataError: missing or empty files, no text.
+    """
+    from ..data import load_default_corpus, load_texts, tokenize_documents
+
+    if opts.data:
+        train_tok, heldout_tok = split_heldout(tokenize_documents(load_texts(opts.data), tokenizer))
+        return train_tok, heldout_tok, {"files": list(opts.data), "heldout": "every 10th document (or the last 10% of tokens)"}
+    corpus = load_default_corpus()
+    desc = "default corpus (Wikipedia sample, Lee news, Paul Graham essays; held-out split never trained on)"
+    return tokenize_documents(corpus.train, tokenizer, cache=True), tokenize_documents(corpus.heldout, tokenizer, cache=True), desc
+
+
 def run_convert(opts: ConvertOptions) -> dict:
     """Run the whole pipeline; returns a summary dict (stages' manifests and the evaluation report).
 
@@ -146,10 +184,12 @@ def run_convert(opts: ConvertOptions) -> dict:
         hybridize.errors.HybridizeError subclasses for bad input (teacher, data, budgets), before any
         stage output is written where possible.
     """
-    from ..data import document_separator_id, load_default_corpus, load_texts, pack_sequences, tokenize_documents
+    from ..data import document_separator_id, pack_sequences
+    from .distributed import barrier, init_distributed
     from .teachers import load_teacher
 
     t_start = time.time()
+    ctx = init_distributed(opts.device)
     run_dir = Path(opts.out)
     if opts.threads:
         torch.set_num_threads(opts.threads)
@@ -160,23 +200,18 @@ def run_convert(opts: ConvertOptions) -> dict:
     if opts.stage3:
         plan_steps(_settings(opts, "stage3"), None, "stage3")
 
-    teacher, tokenizer = load_teacher(opts.teacher)
+    teacher, tokenizer = load_teacher(opts.teacher, device=str(ctx.device))
     eos = document_separator_id(tokenizer)
-    if opts.data:
-        train_tok, heldout_tok = split_heldout(tokenize_documents(load_texts(opts.data), tokenizer))
-        data_desc = {"files": list(opts.data), "heldout": "every 10th document (or the last 10% of tokens)"}
-    else:
-        corpus = load_default_corpus()
-        train_tok = tokenize_documents(corpus.train, tokenizer, cache=True)
-        heldout_tok = tokenize_documents(corpus.heldout, tokenizer, cache=True)
-        data_desc = "default corpus (Wikipedia sample, Lee news, Paul Graham essays; held-out split never trained on)"
+    train_tok, heldout_tok, data_desc = load_run_data(opts, tokenizer)
     train_seqs = pack_sequences(train_tok, opts.seq_len, eos)
     run_dir.mkdir(parents=True, exist_ok=True)
-    setup_logging(run_dir / "convert.log")
+    setup_logging(run_dir / "convert.log" if ctx.is_main else None, logging.INFO if ctx.is_main else logging.WARNING)
     log.info("run directory %s; teacher %s", run_dir, opts.teacher or "smollm2 (embedded)")
     heldout_general = pack_sequences(heldout_tok, opts.seq_len, eos, max_sequences=8)
     log.info("training data: %d sequences of %d tokens", train_seqs.shape[0], opts.seq_len)
     inputs = {"teacher": opts.teacher or "smollm2-135m-instruct (embedded)", "data": data_desc, "options": asdict(opts)}
+    if ctx.enabled:
+        inputs["world_size"] = ctx.world_size
 
     summary = {"run_dir": str(run_dir)}
     summary["stage1"] = run_stage1(teacher, train_seqs, run_dir, _settings(opts, "stage1"), inputs, seed=opts.seed)
@@ -187,10 +222,40 @@ def run_convert(opts: ConvertOptions) -> dict:
     if opts.stage3:
         long_seqs = pack_sequences(train_tok, opts.stage3_seq_len, eos)
         summary["stage3"] = run_stage3(tokenizer, long_seqs, run_dir, _settings(opts, "stage3"), inputs, seed=opts.seed)
-    if opts.eval:
+    if opts.eval and ctx.is_main:
         from .evaluate import evaluate_run
 
         summary["eval"] = evaluate_run(teacher, tokenizer, final_model_dir(run_dir), heldout_tok, run_dir, opts, eos)
+    barrier()
     summary["wall_time_s"] = round(time.time() - t_start, 1)
     log.info("convert finished in %.1f min; model in %s", summary["wall_time_s"] / 60, final_model_dir(run_dir))
     return summary
+
+
+def reselect(run_dir: Path, method: str | None = None, num_attention: int | None = None) -> dict:
+    """Re-run layer selection on a run whose stage 1 is complete (``hybridize select``), with the run's own
+    teacher and data and, optionally, another method or attention count. Replaces ``selection/`` (a later
+    ``convert`` of the same run then trains stage 2 on the new schedule only if ``stage2/`` is removed).
+
+    Raises:
+        FileNotFoundError: if ``run_dir`` has no complete stage 1.
+    """
+    import shutil
+
+    from ..data import document_separator_id, pack_sequences
+    from .teachers import load_teacher
+
+    stage1 = StageDir(run_dir, "stage1").manifest()
+    if stage1 is None:
+        raise FileNotFoundError(f"{run_dir} has no complete stage 1; run `hybridize convert --out {run_dir}` first")
+    opts = ConvertOptions(**{k: v for k, v in stage1["inputs"]["options"].items() if k in ConvertOptions.__dataclass_fields__})
+    opts.selection = method or opts.selection
+    opts.num_attention = num_attention if num_attention is not None else opts.num_attention
+    opts.layer_types = None
+    teacher, tokenizer = load_teacher(opts.teacher)
+    _, heldout_tok, _ = load_run_data(opts, tokenizer)
+    heldout = pack_sequences(heldout_tok, opts.seq_len, document_separator_id(tokenizer), max_sequences=8)
+    sel = Path(run_dir) / "selection"
+    if sel.exists():
+        shutil.rmtree(sel)
+    return run_selection(teacher.eval(), tokenizer, Path(run_dir), opts, heldout, stage1["inputs"])

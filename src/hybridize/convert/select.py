@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -44,7 +44,7 @@ __all__ = [
 
 log = logging.getLogger("hybridize")
 
-SELECTION_METHODS = ("halo", "even", "even-latter", "recall-drop")
+SELECTION_METHODS = ("halo", "even", "even-latter", "recall-drop", "kl-guided")
 
 
 @dataclass
@@ -131,7 +131,8 @@ def layer_sweep(exact_teacher, mixers, data: ScoringData, batch_size: int = 4, p
         mixers: the stage-1 Lightning mixers, one per layer.
 
     Returns:
-        ``{"teacher": {"R", "C"}, "R": [L floats], "C": [L floats]}``.
+        ``{"teacher": {"R", "C"}, "R": [L floats], "C": [L floats], "KL": [L floats]}``; ``KL[i]`` is the
+        mean per-token ``KL(p_teacher || p_M(i))`` on the general text (nats).
     """
     model = exact_teacher.eval()
     n_layers = len(model.model.layers)
@@ -142,29 +143,34 @@ def layer_sweep(exact_teacher, mixers, data: ScoringData, batch_size: int = 4, p
         return out.hidden_states  # L + 1 entries: input of each layer, then final (normed)
 
     sets = {"R": (data.recall_ids, data.recall_mask), "C": (data.general_ids, torch.ones_like(data.general_ids))}
-    cached = {}
-    base = {}
+    cached, finals, base = {}, {}, {}
     for key, (ids, mask) in sets.items():
-        chunks = []
-        probs = []
+        chunks, last, probs = [], [], []
         for s in range(0, ids.shape[0], batch_size):
             hs = hidden_states(ids[s : s + batch_size])
             chunks.append(hs[:-1])
+            last.append(hs[-1])
             probs.append(_gold_prob(model.lm_head(hs[-1]), ids[s : s + batch_size].to(device), mask[s : s + batch_size].to(device)))
-        cached[key] = chunks
+        cached[key], finals[key] = chunks, last
         base[key] = float(torch.cat(probs).mean())
-    scores = {"R": [], "C": []}
+    scores = {"R": [], "C": [], "KL": []}
     bar = tqdm(range(n_layers), desc="layer selection", disable=not progress)
     for i in bar:
         original = model.model.layers[i].self_attn
         model.model.layers[i].self_attn = mixers[i]
         try:
             for key, (ids, mask) in sets.items():
-                probs = []
+                probs, kls = [], []
                 for n, s in enumerate(range(0, ids.shape[0], batch_size)):
                     logits = _run_from_layer(model, cached[key][n][i], i)
                     probs.append(_gold_prob(logits, ids[s : s + batch_size].to(device), mask[s : s + batch_size].to(device)))
+                    if key == "C":
+                        t_logp = F.log_softmax(model.lm_head(finals[key][n]).float(), -1)
+                        kl = (t_logp.exp() * (t_logp - F.log_softmax(logits.float(), -1))).sum(-1)
+                        kls.append(kl.reshape(-1))
                 scores[key].append(float(torch.cat(probs).mean()))
+                if kls:
+                    scores["KL"].append(float(torch.cat(kls).mean()))
         finally:
             model.model.layers[i].self_attn = original
         bar.set_postfix(layer=i, R=f"{scores['R'][-1]:.3f}", C=f"{scores['C'][-1]:.3f}")
@@ -189,7 +195,8 @@ def select_layers(
 
     Methods: ``halo`` (top scores of :func:`halo_scores`), ``even`` (evenly spaced over all layers),
     ``even-latter`` (evenly spaced over the latter half), ``recall-drop`` (largest recall drop only, as
-    Jet-Nemotron). ``always_attention`` layers are kept first (the SALA recipe keeps the first and last).
+    Jet-Nemotron), ``kl-guided`` (largest ``KL(teacher || M(i))``: pass the sweep's KL as ``recall``).
+    ``always_attention`` layers are kept first (the SALA recipe keeps the first and last).
 
     Raises:
         ValueError: unknown method, missing scores, or ``num_attention`` outside ``[0, num_layers]``.
@@ -217,6 +224,8 @@ def select_layers(
         raise ValueError(f"method {method!r} needs the per-layer scores from a layer sweep")
     if method == "halo":
         key = halo_scores(recall, general)
+    elif method == "kl-guided":
+        key = list(recall)
     else:
         key = [max(recall) - r for r in recall]
     ranked = sorted(candidates, key=lambda i: (-key[i], i))
@@ -243,3 +252,27 @@ def plot_scores(sweep: dict, scores: list[float], chosen: list[int], path) -> No
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+@torch.no_grad()
+def layer_sweep_with(exact_teacher, mixers, scorers: dict, progress: bool = True) -> dict:
+    """Like :func:`layer_sweep`, with arbitrary whole-model scorers (e.g. lm-eval tasks through
+    :func:`hybridize.eval.lm_eval_adapter.lm_eval_scorer`) instead of the built-in R and C.
+
+    Args:
+        scorers: ``{"R": fn, "C": fn}``, each ``fn(model) -> float`` (higher is better).
+
+    Returns:
+        ``{"teacher": {name: score}, name: [L scores], ...}``.
+    """
+    model = exact_teacher.eval()
+    out = {"teacher": {k: float(fn(model)) for k, fn in scorers.items()}, **{k: [] for k in scorers}}
+    for i in tqdm(range(len(model.model.layers)), desc="layer selection", disable=not progress):
+        original = model.model.layers[i].self_attn
+        model.model.layers[i].self_attn = mixers[i]
+        try:
+            for k, fn in scorers.items():
+                out[k].append(float(fn(model)))
+        finally:
+            model.model.layers[i].self_attn = original
+    return out

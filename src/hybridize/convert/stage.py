@@ -138,7 +138,10 @@ class StageDir:
             self.manifest_path.unlink()
 
     def complete(self, inputs: dict, tokens_seen: int, final_loss: float | None, extra: dict | None = None) -> dict:
-        """Write ``manifest.json`` (status complete) last, then remove the resume checkpoint."""
+        """Write ``manifest.json`` (status complete) last, then remove the resume checkpoint (rank 0 writes;
+        every rank returns the manifest)."""
+        from .distributed import barrier, context
+
         prior = self._checkpoint_meta().get("wall_time_s", 0.0)
         manifest = {
             "stage": self.name,
@@ -153,9 +156,12 @@ class StageDir:
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             **(extra or {}),
         }
-        atomic_write_text(self.manifest_path, json.dumps(manifest, indent=2))
-        if self.checkpoint_path.exists():
-            shutil.rmtree(self.checkpoint_path)
+        barrier()
+        if context().is_main:
+            atomic_write_text(self.manifest_path, json.dumps(manifest, indent=2))
+            if self.checkpoint_path.exists():
+                shutil.rmtree(self.checkpoint_path)
+        barrier()
         return manifest
 
     # --- resumable checkpoints -------------------------------------------------------------------
@@ -164,28 +170,63 @@ class StageDir:
         return json.loads(meta.read_text()) if meta.exists() else {}
 
     def save_checkpoint(self, tensors: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, meta: dict) -> None:
-        """Atomically replace ``checkpoint/`` with weights, optimizer state and ``meta`` (step, tokens, ...)."""
-        tmp = self.path / f".checkpoint.tmp{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / "weights.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        meta = {**meta, "wall_time_s": self._checkpoint_meta().get("wall_time_s", 0.0) + time.time() - self.started}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        old = self.path / f".checkpoint.old{os.getpid()}"
-        if self.checkpoint_path.exists():
-            os.replace(self.checkpoint_path, old)
-        os.replace(tmp, self.checkpoint_path)
-        if old.exists():
-            shutil.rmtree(old)
+        """Atomically replace ``checkpoint/`` with weights, optimizer state and ``meta`` (step, tokens, ...).
+
+        Collective under several processes: every rank passes its (possibly sharded) tensors, rank 0 writes
+        the whole weights and ``meta.json``, every rank writes its own optimizer shard
+        ``optimizer.rank{r}.pt``; the directory appears only once every file is in it.
+        """
+        from .distributed import barrier, context, full_tensor
+
+        ctx = context()
+        full = {k: full_tensor(v).detach().contiguous().cpu() for k, v in tensors.items()}
+        tmp = self.path / ".checkpoint.tmp"
+        if ctx.is_main:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+            save_file(full, str(tmp / "weights.safetensors"))
+            meta = {
+                **meta,
+                "world_size": ctx.world_size,
+                "wall_time_s": self._checkpoint_meta().get("wall_time_s", 0.0) + time.time() - self.started,
+            }
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        barrier()
+        torch.save(optimizer.state_dict(), tmp / f"optimizer.rank{ctx.rank}.pt")
+        barrier()
+        if ctx.is_main:
+            old = self.path / ".checkpoint.old"
+            if old.exists():
+                shutil.rmtree(old)
+            if self.checkpoint_path.exists():
+                os.replace(self.checkpoint_path, old)
+            os.replace(tmp, self.checkpoint_path)
+            if old.exists():
+                shutil.rmtree(old)
+        barrier()
         self.started = time.time()
 
     def load_checkpoint(self, optimizer: torch.optim.Optimizer | None = None) -> tuple[dict[str, torch.Tensor], dict] | None:
-        """Return ``(weights, meta)`` of the last checkpoint (and restore ``optimizer``), or None if there is none."""
+        """Return ``(weights, meta)`` of the last checkpoint (and restore this rank's ``optimizer`` shard), or
+        None if there is none.
+
+        Raises:
+            RuntimeError: if the checkpoint was written by a different number of processes.
+        """
+        from .distributed import context
+
         if not (self.checkpoint_path / "meta.json").exists():
             return None
+        meta = self._checkpoint_meta()
+        ctx = context()
+        if meta.get("world_size", 1) != ctx.world_size:
+            raise RuntimeError(
+                f"{self.checkpoint_path} was written by {meta.get('world_size', 1)} processes; resume with the same "
+                f"number (now {ctx.world_size}) or delete the checkpoint to restart the stage"
+            )
         weights = load_file(str(self.checkpoint_path / "weights.safetensors"))
         if optimizer is not None:
-            optimizer.load_state_dict(torch.load(self.checkpoint_path / "optimizer.pt", weights_only=True))
-        return weights, self._checkpoint_meta()
+            state = torch.load(self.checkpoint_path / f"optimizer.rank{ctx.rank}.pt", weights_only=False)
+            optimizer.load_state_dict(state)
+        return weights, meta

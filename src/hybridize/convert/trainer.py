@@ -11,6 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import BudgetError
+from .distributed import all_reduce_mean, context, load_full_
 from .stage import StageDir, cosine_lr, make_optimizer
 
 __all__ = ["TrainSettings", "TrainResult", "train", "plan_steps"]
@@ -99,35 +100,42 @@ def train(
         BudgetError: the budget or the data is smaller than one batch.
     """
     steps = plan_steps(settings, data.shape[0], stage.name)
+    ctx = context()
+    if settings.batch_size % ctx.world_size:
+        raise BudgetError(
+            f"{stage.name}: batch size {settings.batch_size} does not split over {ctx.world_size} processes; "
+            "use a batch size that is a multiple of the number of processes"
+        )
     optimizer = make_optimizer(list(params.values()), settings.lr)
     warmup = min(settings.warmup, max(1, steps // 10))
     start_step, losses = 0, []
     resumed = stage.load_checkpoint(optimizer)
     if resumed is not None:
         weights, meta = resumed
-        with torch.no_grad():
-            for name, p in params.items():
-                p.copy_(weights[name])
+        for name, p in params.items():
+            load_full_(p, weights[name])
         start_step, losses = meta["step"], meta["losses"]
         log.info("%s: resuming from checkpoint at step %d/%d", stage.name, start_step, steps)
     g = torch.Generator().manual_seed(seed)
     order = torch.cat([torch.randperm(data.shape[0], generator=g) for _ in range(1 + steps * settings.batch_size // data.shape[0])])
     per_step = settings.batch_size * settings.seq_len
-    bar = tqdm(total=steps, initial=start_step, desc=desc or stage.name, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=steps, initial=start_step, desc=desc or stage.name, unit="step", dynamic_ncols=True, disable=not ctx.is_main)
     t0, tokens_this_run = time.time(), 0
     for step in range(start_step, steps):
         lr = cosine_lr(step, steps, settings.lr, settings.lr_final, warmup)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batch = data[order[step * settings.batch_size : (step + 1) * settings.batch_size]]
+        rows = order[step * settings.batch_size : (step + 1) * settings.batch_size]
+        batch = data[rows[ctx.rank :: ctx.world_size]].to(ctx.device)  # this rank's share of the global batch
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(batch)
+        with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=ctx.device.type == "cuda"):
+            loss = loss_fn(batch)  # bf16 compute on GPU (SPEC 2), fp32 master weights
         if not getattr(loss_fn, "did_backward", False):
             loss.backward()
         if settings.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(list(params.values()), settings.grad_clip)
         optimizer.step()
-        value = float(loss.detach())
+        value = float(all_reduce_mean(loss.detach()))
         if value != value:  # NaN
             raise FloatingPointError(f"{stage.name}: loss became NaN at step {step}; lower the learning rate")
         losses.append(value)

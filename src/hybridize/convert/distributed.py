@@ -1,0 +1,116 @@
+"""Multi-process training on an existing engine: torch FSDP2 (``fully_shard``) under ``torchrun`` or
+``accelerate launch``; one process per GPU (NCCL) or per CPU worker (gloo).
+
+Nothing here is specific to a number of processes: with ``WORLD_SIZE`` unset or 1 every function is a
+no-op and training runs in one process. Each rank takes ``batch_size / world_size`` rows of every global
+batch, so a sharded step computes the same loss and gradient as a single-process step on the whole batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+__all__ = ["DistContext", "init_distributed", "context", "shard_modules", "full_tensor", "load_full_", "all_reduce_mean", "barrier"]
+
+log = logging.getLogger("hybridize")
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Process-group facts: ``rank``/``world_size`` (0/1 when not distributed) and this rank's ``device``."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str | None = None) -> DistContext:
+    """Join the process group that ``torchrun``/``accelerate launch`` describe in the environment.
+
+    Uses NCCL when CUDA is available (one GPU per local rank), else gloo. Without ``WORLD_SIZE > 1`` this
+    returns a single-process context on ``device`` (default: CUDA if available, else CPU).
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if world <= 1:
+        return DistContext(device=torch.device(device))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.device(device).type == "cuda"
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    ctx = DistContext(dist.get_rank(), dist.get_world_size(), torch.device("cuda", local_rank) if use_cuda else torch.device("cpu"))
+    if ctx.is_main:
+        log.info("distributed: %d processes, backend %s", ctx.world_size, dist.get_backend())
+    return ctx
+
+
+def context() -> DistContext:
+    """The current context (single-process when no process group is initialised)."""
+    if dist.is_available() and dist.is_initialized():
+        dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        return DistContext(dist.get_rank(), dist.get_world_size(), dev)
+    return DistContext(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def shard_modules(units: list[nn.Module], root: nn.Module | None = None, ignored: set | None = None) -> None:
+    """FSDP2-shard each module of ``units`` (e.g. decoder layers), then ``root``; no-op in one process.
+
+    ``ignored`` parameters (e.g. frozen, tied embeddings and LM head, used outside ``root``'s forward)
+    stay whole on every rank.
+    """
+    if not context().enabled:
+        return
+    from torch.distributed.fsdp import fully_shard
+
+    for unit in units:
+        fully_shard(unit, ignored_params=ignored)
+    if root is not None:
+        fully_shard(root, ignored_params=ignored)
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a (possibly FSDP2-sharded ``DTensor``) parameter; collective when sharded."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def load_full_(param: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy a whole tensor into ``param`` (sharding it first when ``param`` is a ``DTensor``)."""
+    with torch.no_grad():
+        if hasattr(param, "device_mesh"):
+            from torch.distributed.tensor import distribute_tensor
+
+            param.copy_(distribute_tensor(full.to(param.device, param.dtype), param.device_mesh, param.placements))
+        else:
+            param.copy_(full)
+
+
+def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
+    """Mean of a scalar tensor over ranks (itself in one process)."""
+    if not context().enabled:
+        return value
+    v = value.detach().clone().float().to(context().device)
+    dist.all_reduce(v)
+    return v / dist.get_world_size()
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op in one process)."""
+    if context().enabled:
+        dist.barrier()

@@ -1,0 +1,43 @@
+"""FSDP2 under torchrun (2 CPU processes, gloo) gives the same losses and weights as one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from test_convert import data_file, tiny_teacher_dir  # noqa: F401  (fixtures)
+
+WORKER = Path(__file__).with_name("dist_convert_worker.py")
+
+
+def _run(cmd, env=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_fsdp2_two_processes_match_one(tiny_teacher_dir, data_file, tmp_path):  # noqa: F811
+    single, sharded = tmp_path / "single", tmp_path / "sharded"
+    _run([sys.executable, str(WORKER), str(tiny_teacher_dir), str(data_file), str(single)])
+    _run([
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+        str(WORKER), str(tiny_teacher_dir), str(data_file), str(sharded),
+    ])
+    for stage in ("stage1", "stage2"):
+        a = json.loads((single / stage / "manifest.json").read_text())
+        b = json.loads((sharded / stage / "manifest.json").read_text())
+        assert a["tokens_seen"] == b["tokens_seen"]
+        assert b["loss_curve"] == pytest.approx(a["loss_curve"], rel=1e-4, abs=1e-6), stage
+    wa = load_file(str(single / "stage2" / "model" / "model.safetensors"))
+    wb = load_file(str(sharded / "stage2" / "model" / "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5, msg=k)
