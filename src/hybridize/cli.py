@@ -1,4 +1,4 @@
-"""The ``hybridize`` command: ``convert``, ``generate``, ``eval``.
+"""The ``hybridize`` command: ``convert``, ``generate``, ``eval``, ``tune-hype``.
 
 Each subcommand is a plain function; errors the user can fix print one line (``error: ...``) and exit 2;
 an interrupted ``convert`` exits 130 and resumes from its last checkpoint when run again.
@@ -137,6 +137,62 @@ def _eval(args) -> int:
     return 0
 
 
+def _tune_hype(args) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from .assets import atomic_write_bytes
+    from .convert.hype import DEFAULT_GRID, long_sequences, parse_grid, tune_hype
+    from .convert.pipeline import final_model_dir
+    from .data import document_separator_id, load_default_corpus, load_texts, tokenize_documents
+    from .loading import is_hybrid_checkpoint, load_model
+    from .models.released import released_format
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model_dir = Path(args.model)
+    if model_dir.is_dir() and not (model_dir / "config.json").exists() and any((model_dir / s).is_dir() for s in ("stage2", "stage3")):
+        model_dir = final_model_dir(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{args.model} is not a checkpoint directory (no config.json): tune-hype writes a into it")
+    fmt = released_format(model_dir)
+    if fmt == "minicpm_sala":
+        raise ValueError("MiniCPM-SALA checkpoints have no HyPE scaling field; tune a hybridize or HypeNet checkpoint")
+    if fmt is None and not is_hybrid_checkpoint(model_dir):
+        raise ValueError(f"{model_dir} is not a hybrid checkpoint (model_type 'hybridize' or 'hypenet')")
+    grid = parse_grid(args.grid) if args.grid else list(DEFAULT_GRID)
+    model, tokenizer = load_model(str(model_dir))
+    docs = load_texts(args.data) if args.data else load_default_corpus().heldout
+    eos_id = document_separator_id(tokenizer)
+    seqs, glued = long_sequences(tokenize_documents(docs, tokenizer), args.seq_len, args.sequences, eos_id)
+    source = "--data" if args.data else "the bundled held-out split"
+    print(f"held-out text ({source}): {len(seqs) - glued} documents of >= {args.seq_len} tokens"
+          + (f", {glued} glued from shorter documents joined by EOS (id {eos_id})" if glued else ", none glued"))
+    result = tune_hype(model, seqs, grid, batch_size=args.batch_size, progress=not args.no_progress)
+
+    def label(a):
+        return "none" if a is None else f"{a:g}"
+
+    print(f"\n{'a':>8}  {'loss':>10}  {'ppl':>10}")
+    for row in result["losses"]:
+        mark = "  <- best" if row["hype_base"] == result["best"] else ""
+        print(f"{label(row['hype_base']):>8}  {row['loss']:>10.6f}  {row['perplexity']:>10.4f}{mark}")
+    best = result["best"]
+    config_path = model_dir / "config.json"
+    cfg = json.loads(config_path.read_text())
+    if fmt == "hypenet":
+        cfg["attn_logits_scaling"] = None if best is None else f"hype {best:g}"
+    else:
+        cfg["hype_base"] = best
+    sweep = {**result, "model": str(model_dir), "grid": grid, "glued_sequences": glued, "data": args.data or "bundled held-out"}
+    atomic_write_bytes(model_dir / "hype_sweep.json", (json.dumps(sweep, indent=2) + "\n").encode())
+    atomic_write_bytes(config_path, (json.dumps(cfg, indent=2) + "\n").encode())
+    print(f"\nchosen a = {label(best)} (was {label(result['previous'])}); written to {config_path}, sweep in "
+          f"{model_dir / 'hype_sweep.json'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .convert.pipeline import ConvertOptions
     from .convert.select import SELECTION_METHODS
@@ -198,6 +254,19 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--passkey-trials", type=int, default=10)
     e.add_argument("--json", action="store_true", help="also print the raw results as JSON")
     e.set_defaults(func=_eval)
+
+    h = sub.add_parser("tune-hype", help="pick HyPE's a by held-out loss on long documents and write it to the config",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    h.add_argument("--model", required=True, help="hybrid checkpoint dir (hybridize or HypeNet) or run dir; its config.json is updated")
+    h.add_argument("--seq-len", type=int, default=2048, help="tokens per held-out sequence")
+    h.add_argument("--sequences", type=int, default=4, help="held-out sequences to score")
+    h.add_argument("--grid", nargs="+", default=None,
+                   help="candidates for a (numbers > 1, 'none' = no scaling); default: 100 200 300 500 700 1000 2000 5000 none")
+    h.add_argument("--data", nargs="+", default=None, help="held-out text (.txt/.jsonl/.parquet); default: bundled held-out split")
+    h.add_argument("--batch-size", type=int, default=1)
+    h.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    h.add_argument("--no-progress", action="store_true", help="no progress bars")
+    h.set_defaults(func=_tune_hype)
     return p
 
 

@@ -14,6 +14,7 @@ __all__ = [
     "TeacherNotFoundError",
     "UnsupportedTeacherError",
     "BudgetError",
+    "CheckpointFormatError",
 ]
 
 
@@ -44,3 +45,9 @@ class UnsupportedTeacherError(HybridizeError, ValueError):
 
 class BudgetError(HybridizeError, ValueError):
     """A token budget or data set is smaller than one training batch."""
+
+
+class CheckpointFormatError(HybridizeError, ValueError):
+    """A released checkpoint (HypeNet, MiniCPM-SALA) does not match its format, or uses an option hybridize
+    cannot reproduce: a missing, extra or misshaped tensor, an unknown mixer type, an unsupported config value.
+    The message names the key."""

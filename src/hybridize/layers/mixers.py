@@ -2,12 +2,15 @@
 
 Every mixer has the same call::
 
-    mixer(x, rope=(cos, sin), positions=positions, attention_mask=mask_2d, cache=cache) -> y
+    mixer(x, rope=(cos, sin), positions=positions, attention_mask=mask_2d, cache=cache, cu_seqlens=None) -> y
 
 with ``x``/``y`` ``[B, T, hidden]``, ``positions`` ``[B, T]`` int64 absolute token positions (padding
-excluded), ``attention_mask`` ``[B, past + T]`` (1 = real token) or None, and ``cache`` a
-:class:`~hybridize.models.cache.HybridCache` or None. Parameter names follow transformers' attention
-modules (``q_proj`` ... ``o_proj``, ``q_norm``/``k_norm``) so that teacher weights map by name.
+excluded; restarting at 0 in each packed sequence), ``attention_mask`` ``[B, past + T]`` (1 = real token,
+left padding) or None, ``cache`` a :class:`~hybridize.models.cache.HybridCache` or None, and the keyword
+``cu_seqlens`` ``[N + 1]`` int offsets of sequences packed into a batch of 1 (no mask, no cache), or None.
+The model passes ``cu_seqlens`` only when it is set, so a mixer without packed support keeps working.
+Parameter names follow transformers' attention modules (``q_proj`` ... ``o_proj``, ``q_norm``/``k_norm``)
+so that teacher weights map by name.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import torch
 from torch import nn
 
 from ..ops.attention import attention_mask_4d, hype_scale, softmax_attention
-from ..ops.lightning import lightning_attention, lightning_log_decay
+from ..ops.lightning import check_log_decay, lightning_attention, lightning_log_decay
 from .common import RMSNorm, apply_rope
 
 __all__ = ["LightningAttention", "HyPEAttention", "build_mixer"]
@@ -47,13 +50,29 @@ class LightningAttention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
         self.o_norm = RMSNorm(inner, eps=config.rms_norm_eps)
         self.output_gate = nn.Linear(hidden, inner, bias=False) if config.lightning_output_gate else None
+        # The decay is a constant of the head count: check it once here, on the CPU, so the per-call path
+        # never reads it back from an accelerator. Kept out of the state dict and of dtype casts (a bf16
+        # decay would be visibly wrong over long contexts), one fp32 copy per device.
+        decay = lightning_log_decay(self.num_heads)
+        check_log_decay(decay)
+        self._log_decay = {torch.device("cpu"): decay}
 
     def log_decay(self, device: torch.device) -> torch.Tensor:
-        """``[H]`` fp32 log-decays ``-m_h`` (SPEC 1a), derived from the head count."""
-        return lightning_log_decay(self.num_heads).to(device)
+        """``[H]`` fp32 log-decays ``-m_h`` (SPEC 1a, strictly negative, checked at init) on ``device``."""
+        device = torch.device(device)
+        if device not in self._log_decay:
+            self._log_decay[device] = self._log_decay[torch.device("cpu")].to(device)
+        return self._log_decay[device]
 
-    def forward(self, x, rope=None, positions=None, attention_mask=None, cache=None):
+    def forward(self, x, rope=None, positions=None, attention_mask=None, cache=None, *, cu_seqlens=None):
+        """``x`` ``[B, T, hidden]`` -> ``[B, T, hidden]``; reads and writes this layer's cache state.
+
+        Padding (``attention_mask`` 0, left padding) gets zero keys and values, so it adds nothing to the
+        state. Raises ValueError for ``cu_seqlens`` combined with a cache.
+        """
         b, t, _ = x.shape
+        if cu_seqlens is not None and cache is not None:
+            raise ValueError("cu_seqlens (packed sequences) cannot be combined with a cache")
         shape = (b, t, self.num_heads, self.head_dim)
         q = self.q_norm(self.q_proj(x).view(shape))
         k = self.k_norm(self.k_proj(x).view(shape))
@@ -73,6 +92,8 @@ class LightningAttention(nn.Module):
             initial_state=state,
             output_final_state=cache is not None,
             chunk_size=self.chunk_size,
+            cu_seqlens=cu_seqlens,
+            check_decay=False,
         )
         if cache is not None:
             cache.set_state(state, self.layer_idx)
@@ -112,8 +133,15 @@ class HyPEAttention(nn.Module):
             nn.Linear(hidden, self.num_heads * self.head_dim, bias=False) if config.attention_output_gate else None
         )
 
-    def forward(self, x, rope=None, positions=None, attention_mask=None, cache=None):
+    def forward(self, x, rope=None, positions=None, attention_mask=None, cache=None, *, cu_seqlens=None):
+        """``x`` ``[B, T, hidden]`` -> ``[B, T, hidden]``; appends this layer's K/V to the cache.
+
+        HyPE scales queries by their pad-free ``positions``. Raises ValueError for ``cu_seqlens`` combined
+        with a cache or a padding mask.
+        """
         b, t, _ = x.shape
+        if cu_seqlens is not None and (cache is not None or attention_mask is not None):
+            raise ValueError("cu_seqlens (packed sequences) cannot be combined with a cache or a padding mask")
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
@@ -126,14 +154,24 @@ class HyPEAttention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
             k, v = cache.update_kv(k, v, self.layer_idx)
-        mask = attention_mask_4d(attention_mask, t, k.shape[2], x.device)
-        o = softmax_attention(q, k, v, mask).transpose(1, 2).reshape(b, t, -1)
+        o = self.attend(q, k, v, attention_mask, cu_seqlens=cu_seqlens).transpose(1, 2).reshape(b, t, -1)
         if self.output_gate is not None:
             o = o * torch.sigmoid(self.output_gate(x))
         return self.o_proj(o)
 
+    def attend(self, q, k, v, attention_mask=None, *, cu_seqlens=None):
+        """Attention core: ``q`` ``[B, Hq, T, d]``, ``k``/``v`` ``[B, Hkv, past + T, d]`` -> ``[B, Hq, T, d]``.
 
-_MIXERS = {"attention": HyPEAttention, "lightning": LightningAttention}
+        The one thing :class:`~hybridize.layers.sparse.SparseAttention` replaces; projections, norms, HyPE,
+        cache and output gate stay in :meth:`forward`.
+        """
+        mask = attention_mask_4d(attention_mask, q.shape[2], k.shape[2], q.device)
+        return softmax_attention(q, k, v, mask, cu_seqlens=cu_seqlens)
+
+
+from .sparse import SparseAttention  # noqa: E402  (subclasses HyPEAttention, defined above)
+
+_MIXERS = {"attention": HyPEAttention, "lightning": LightningAttention, "sparse": SparseAttention}
 
 
 def build_mixer(config, layer_idx: int) -> nn.Module:

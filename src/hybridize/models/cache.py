@@ -1,7 +1,7 @@
 """HybridCache: one slot per layer, shaped by ``layer_types`` (SPEC 1).
 
-* ``attention`` layers keep a KV cache: keys and values ``[batch, kv_heads, tokens, head_dim]``, growing
-  with the context.
+* ``attention`` and ``sparse`` layers keep a KV cache: keys and values ``[batch, kv_heads, tokens,
+  head_dim]``, growing with the context.
 * ``lightning`` layers keep a recurrent state ``[batch, heads, head_dim, head_dim]`` in fp32, whose size
   does not depend on the context length (SPEC 1a).
 """
@@ -42,6 +42,17 @@ class HybridCache:
 
     def __len__(self) -> int:
         return len(self.layer_types)
+
+    @property
+    def is_linear(self) -> list[bool]:
+        """Per layer, False: read by transformers' ``generate`` (>= 5.2x) when a cache is passed in.
+
+        generate slices the tokens already in the cache off ``input_ids`` (by :meth:`get_seq_length`) only
+        when some layer is not "linear", on the assumption that a purely recurrent cache cannot say how
+        many tokens it holds. This cache always knows (``seen_tokens``), so slicing is exact for every layer
+        type, Lightning included, and every entry is False.
+        """
+        return [False] * len(self.layer_types)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Tokens processed so far (the position of the next token), padding included."""

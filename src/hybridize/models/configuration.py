@@ -6,29 +6,34 @@ the model, its cache and every conversion stage.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 from transformers import PreTrainedConfig
 
+from ..ops.sparse_attention import SparseConfig
+
 __all__ = ["HybridConfig", "MIXER_TYPES", "layer_types_to_str", "layer_types_from_str"]
 
 #: Mixer types a layer can have. ``attention``: softmax attention (SPEC 1b); ``lightning``: Lightning
-#: Attention (SPEC 1a).
-MIXER_TYPES = ("attention", "lightning")
-_SHORT = {"attention": "A", "lightning": "L"}
+#: Attention (SPEC 1a); ``sparse``: InfLLM-V2 block-sparse attention (SPEC 1c).
+MIXER_TYPES = ("attention", "lightning", "sparse")
+_SHORT = {"attention": "A", "lightning": "L", "sparse": "S"}
 
 
 def layer_types_to_str(layer_types: Sequence[str]) -> str:
-    """Short schedule string, one letter a layer: ``A`` attention, ``L`` lightning (e.g. ``"LLAL"``)."""
+    """Short schedule string, one letter a layer: ``A`` attention, ``L`` lightning, ``S`` sparse (``"SLLA"``)."""
     return "".join(_SHORT[t] for t in layer_types)
 
 
 def layer_types_from_str(schedule: str) -> list[str]:
-    """Inverse of :func:`layer_types_to_str`. Raises ValueError on a letter other than A/L."""
+    """Inverse of :func:`layer_types_to_str`. Raises ValueError on a letter other than A/L/S."""
     inverse = {v: k for k, v in _SHORT.items()}
     bad = sorted({c for c in schedule if c not in inverse})
     if bad:
-        raise ValueError(f"layer schedule {schedule!r} has letters {bad}; use A (attention) and L (lightning)")
+        raise ValueError(
+            f"layer schedule {schedule!r} has letters {bad}; use A (attention), L (lightning) and S (sparse)"
+        )
     return [inverse[c] for c in schedule]
 
 
@@ -51,12 +56,23 @@ class HybridConfig(PreTrainedConfig):
         lightning_rope: RoPE on Lightning q and k (SPEC 1a: true).
         lightning_output_gate: Lightning output gate ``sigmoid(x W_z)`` (SPEC 1a: true).
         lightning_chunk_size: chunk length (tokens) of the chunked Lightning form.
+        sparse_config: sizes of the ``sparse`` layers (SPEC 1c), a dict with the keys of
+            :class:`~hybridize.ops.sparse_attention.SparseConfig`; missing keys take MiniCPM-SALA's values
+            (kernel_size 32, kernel_stride 16, init_blocks 1, block_size 64, window_size 2048, topk 64,
+            dense_len 8192). Stored with every key filled in.
+        embedding_multiplier: token embeddings are multiplied by this (MiniCPM muP ``scale_emb``; 1.0 = none).
+        residual_multiplier: each residual branch (mixer and MLP) is multiplied by this before it is added
+            (MiniCPM muP ``scale_depth / sqrt(num_hidden_layers)``; 1.0 = none).
+        logits_divisor: the final hidden states (after the last norm, before ``lm_head``) are divided by this
+            (MiniCPM muP ``hidden_size / dim_model_base``; 1.0 = none).
 
     The remaining arguments have their transformers Llama/Qwen3 meaning (``rope_parameters`` is the
     teacher's, including ``rope_theta`` and ``rope_type``).
 
     Raises:
-        ValueError: if ``layer_types`` has the wrong length or an unknown entry, or heads do not divide.
+        ValueError: if ``layer_types`` has the wrong length or an unknown entry, heads do not divide, or
+            ``sparse_config`` has an unknown key or a bad value, or a muP multiplier/divisor is not a finite
+            number > 0.
     """
 
     model_type = "hybridize"
@@ -88,6 +104,10 @@ class HybridConfig(PreTrainedConfig):
         lightning_rope: bool = True,
         lightning_output_gate: bool = True,
         lightning_chunk_size: int = 64,
+        sparse_config: dict | None = None,
+        embedding_multiplier: float = 1.0,
+        residual_multiplier: float = 1.0,
+        logits_divisor: float = 1.0,
         pad_token_id: int | None = None,
         bos_token_id: int | None = None,
         eos_token_id: int | list[int] | None = None,
@@ -116,6 +136,10 @@ class HybridConfig(PreTrainedConfig):
         self.lightning_rope = lightning_rope
         self.lightning_output_gate = lightning_output_gate
         self.lightning_chunk_size = lightning_chunk_size
+        self.sparse_config = SparseConfig.from_dict(sparse_config).to_dict()
+        self.embedding_multiplier = float(embedding_multiplier)
+        self.residual_multiplier = float(residual_multiplier)
+        self.logits_divisor = float(logits_divisor)
         super().__init__(
             pad_token_id=pad_token_id,
             bos_token_id=bos_token_id,
@@ -150,6 +174,11 @@ class HybridConfig(PreTrainedConfig):
             raise ValueError(f"hype_base (HyPE's a) must be > 1 so that log(a) > 0, got {self.hype_base}")
         if self.lightning_chunk_size < 1:
             raise ValueError(f"lightning_chunk_size must be >= 1, got {self.lightning_chunk_size}")
+        SparseConfig.from_dict(self.sparse_config)  # raises ValueError naming the bad field
+        for name in ("embedding_multiplier", "residual_multiplier", "logits_divisor"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a finite number > 0 (1.0 = no scaling), got {value}")
 
     @property
     def schedule(self) -> str:

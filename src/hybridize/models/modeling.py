@@ -16,6 +16,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from ..layers.common import MLP, RMSNorm, RotaryEmbedding
 from ..layers.mixers import build_mixer
+from ..ops.lightning import check_cu_seqlens
 from .cache import HybridCache
 from .configuration import HybridConfig
 
@@ -23,7 +24,14 @@ from .configuration import HybridConfig
 # warning); write whichever this version declares.
 _CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
-__all__ = ["HybridDecoderLayer", "HybridModel", "HybridForCausalLM", "HybridPreTrainedModel", "positions_from_mask"]
+__all__ = [
+    "HybridDecoderLayer",
+    "HybridModel",
+    "HybridForCausalLM",
+    "HybridPreTrainedModel",
+    "positions_from_mask",
+    "positions_from_cu_seqlens",
+]
 
 
 def positions_from_mask(attention_mask: torch.Tensor | None, past: int, t: int, batch: int, device) -> torch.Tensor:
@@ -38,6 +46,17 @@ def positions_from_mask(attention_mask: torch.Tensor | None, past: int, t: int, 
     return pos.clamp(min=0)[:, -t:]
 
 
+def positions_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int, device) -> torch.Tensor:
+    """Positions ``[1, total]`` (int64) of packed sequences: each restarts at 0 at its offset.
+
+    ``cu_seqlens`` is ``[N + 1]`` int offsets ending at ``total``. Raises ValueError on bad offsets.
+    """
+    offsets = check_cu_seqlens(cu_seqlens, total)
+    starts = torch.tensor(offsets[:-1], device=device)
+    lengths = torch.tensor([b - a for a, b in zip(offsets, offsets[1:])], device=device)
+    return (torch.arange(total, device=device) - torch.repeat_interleave(starts, lengths)).unsqueeze(0)
+
+
 class HybridDecoderLayer(nn.Module):
     """One pre-norm block; its mixer type is ``config.layer_types[layer_idx]``."""
 
@@ -47,12 +66,18 @@ class HybridDecoderLayer(nn.Module):
         self.mixer_type = config.layer_types[layer_idx]
         self.self_attn = build_mixer(config, layer_idx)
         self.mlp = MLP(config)
+        self.residual_multiplier = getattr(config, "residual_multiplier", 1.0)  # MiniCPM muP; 1.0 = none
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def forward(self, x, rope, positions, attention_mask=None, cache=None):
-        h = x + self.self_attn(self.input_layernorm(x), rope, positions, attention_mask, cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(self, x, rope, positions, attention_mask=None, cache=None, cu_seqlens=None):
+        """``x`` ``[B, T, hidden]`` -> same; arguments as the mixer call (see :mod:`hybridize.layers.mixers`)."""
+        extra = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
+        y = self.self_attn(self.input_layernorm(x), rope, positions, attention_mask, cache, **extra)
+        r = self.residual_multiplier
+        h = x + (y if r == 1.0 else y * r)
+        y = self.mlp(self.post_attention_layernorm(h))
+        return h + (y if r == 1.0 else y * r)
 
 
 class HybridPreTrainedModel(PreTrainedModel):
@@ -70,7 +95,12 @@ class HybridPreTrainedModel(PreTrainedModel):
 
 
 class HybridModel(HybridPreTrainedModel):
-    """Embeddings, the decoder layers and the final norm. Returns hidden states ``[B, T, hidden]``."""
+    """Embeddings, the decoder layers and the final norm. Returns hidden states ``[B, T, hidden]``.
+
+    With the muP fields of :class:`HybridConfig` (MiniCPM-SALA) the embeddings of ``input_ids`` are multiplied
+    by ``embedding_multiplier`` and the returned hidden states are already divided by ``logits_divisor``, so
+    ``lm_head(last_hidden_state)`` gives the logits everywhere (chunked losses included).
+    """
 
     def __init__(self, config: HybridConfig):
         super().__init__(config)
@@ -87,6 +117,23 @@ class HybridModel(HybridPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
+    @staticmethod
+    def _check_padding(attention_mask: torch.Tensor, cached: bool) -> torch.Tensor | None:
+        """None when the mask has no padding (fast causal path); the mask otherwise. One host sync."""
+        if attention_mask.dim() != 2:
+            raise ValueError(f"attention_mask must be 2-D [batch, past + tokens], got shape {tuple(attention_mask.shape)}")
+        real = attention_mask != 0
+        left_padded = (real[:, 1:] >= real[:, :-1]).all() if cached else real.new_ones(())
+        no_padding, left_padded = torch.stack([real.all(), left_padded]).tolist()
+        if no_padding:
+            return None
+        if not left_padded:
+            raise ValueError(
+                "with a cache, padding must be on the left (each attention_mask row zeros then ones): a pad "
+                "after real tokens would decay the Lightning state. Use tokenizer.padding_side='left'"
+            )
+        return attention_mask
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -97,20 +144,28 @@ class HybridModel(HybridPreTrainedModel):
         use_cache: bool | None = None,
         output_hidden_states: bool = False,
         cache: HybridCache | None = None,
+        cu_seqlens: torch.Tensor | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         """Run the decoder.
 
         Args:
             input_ids: ``[B, T]`` token ids (or ``inputs_embeds`` ``[B, T, hidden]``).
-            attention_mask: ``[B, past + T]`` 1 for real tokens, 0 for (left) padding; None = no padding.
-            position_ids: ``[B, T]`` absolute positions; derived from the mask when None.
+            attention_mask: ``[B, past + T]`` 1 for real tokens, 0 for left padding; None = no padding.
+                With a cache the padding must be on the left (each row zeros then ones), since a pad after
+                real tokens would still decay the recurrent state; without a cache right padding is fine.
+            position_ids: ``[B, T]`` absolute positions; derived from the mask (or ``cu_seqlens``) when None.
             past_key_values / cache: a :class:`HybridCache` to continue from (both names accepted:
                 transformers >= 5.24 calls it ``cache``).
-            use_cache: create/extend a cache and return it.
+            use_cache: create/extend a cache and return it (default ``config.use_cache``; False with
+                ``cu_seqlens``).
+            cu_seqlens: ``[N + 1]`` int32/int64 offsets of N sequences packed into a batch of 1 (as in
+                flash-attn/fla). Each sequence is processed as if alone: positions (RoPE, HyPE) restart at 0,
+                Lightning states reset and attention is block-diagonal causal. No mask, no cache.
 
         Raises:
-            ValueError: bad argument combinations or a cache of the wrong type/length.
+            ValueError: bad argument combinations, a cache of the wrong type/length, padding that is not on
+                the left while a cache is used, or bad ``cu_seqlens``.
         """
         if cache is not None and past_key_values is not None and cache is not past_key_values:
             raise ValueError("pass the cache once, as `past_key_values` or as `cache`, not both")
@@ -119,6 +174,15 @@ class HybridModel(HybridPreTrainedModel):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
+            if self.config.embedding_multiplier != 1.0:  # MiniCPM muP scale_emb (ids only, as MiniCPM does)
+                inputs_embeds = inputs_embeds * self.config.embedding_multiplier
+        if cu_seqlens is not None:
+            if cache is not None or use_cache:
+                raise ValueError(
+                    "cu_seqlens (packed sequences) cannot be combined with a cache: pack for training and "
+                    "scoring; for generation use a left-padded batch with attention_mask"
+                )
+            use_cache = False
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if self.gradient_checkpointing and self.training:
             use_cache = False
@@ -134,11 +198,13 @@ class HybridModel(HybridPreTrainedModel):
 
         b, t, _ = inputs_embeds.shape
         past = cache.get_seq_length() if cache is not None else 0
-        if attention_mask is not None and attention_mask.dim() != 2:
-            raise ValueError(f"attention_mask must be 2-D [batch, past + tokens], got shape {tuple(attention_mask.shape)}")
-        if attention_mask is not None and bool(attention_mask.all()):
-            attention_mask = None  # no padding: take the fast causal path
-        if position_ids is None:
+        if attention_mask is not None:
+            attention_mask = self._check_padding(attention_mask, cache is not None)
+        if cu_seqlens is not None and attention_mask is not None:
+            raise ValueError("cu_seqlens (packed sequences) cannot be combined with padding (attention_mask zeros)")
+        if position_ids is None and cu_seqlens is not None:
+            position_ids = positions_from_cu_seqlens(cu_seqlens, t, inputs_embeds.device)
+        elif position_ids is None:
             position_ids = positions_from_mask(attention_mask, past, t, b, inputs_embeds.device)
         elif position_ids.shape[0] != b:
             position_ids = position_ids.expand(b, -1)
@@ -150,10 +216,14 @@ class HybridModel(HybridPreTrainedModel):
             if output_hidden_states:
                 hidden_states.append(h)
             if self.gradient_checkpointing and self.training:
-                h = checkpoint(layer, h, rope, position_ids, attention_mask, None, use_reentrant=False)
+                h = checkpoint(
+                    layer, h, rope, position_ids, attention_mask, None, cu_seqlens=cu_seqlens, use_reentrant=False
+                )
             else:
-                h = layer(h, rope, position_ids, attention_mask, cache)
+                h = layer(h, rope, position_ids, attention_mask, cache, cu_seqlens=cu_seqlens)
         h = self.norm(h)
+        if self.config.logits_divisor != 1.0:  # MiniCPM muP: lm_head(h / (hidden / dim_model_base)), folded here
+            h = h / self.config.logits_divisor
         if output_hidden_states:
             hidden_states.append(h)
         if cache is not None:
@@ -203,13 +273,15 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         output_hidden_states: bool = False,
         logits_to_keep: int = 0,
         cache: HybridCache | None = None,
+        cu_seqlens: torch.Tensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """Logits ``[B, T, vocab]`` (fp32 math in the head's dtype) and, with ``labels`` ``[B, T]``, the
         next-token cross-entropy (mean over positions whose shifted label is not -100).
 
-        ``logits_to_keep = n > 0`` computes logits for the last n positions only. Other arguments as
-        :meth:`HybridModel.forward`.
+        ``logits_to_keep = n > 0`` computes logits for the last n positions only. With ``cu_seqlens`` the
+        first token of each packed sequence after the first is not a target (nothing predicts across a
+        boundary). Other arguments as :meth:`HybridModel.forward`.
         """
         out = self.model(
             input_ids=input_ids,
@@ -220,6 +292,7 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
             cache=cache,
+            cu_seqlens=cu_seqlens,
         )
         h = out.last_hidden_state
         if logits_to_keep:
@@ -227,6 +300,9 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         logits = self.lm_head(h)
         loss = None
         if labels is not None:
+            if cu_seqlens is not None:
+                labels = labels.clone()
+                labels[:, check_cu_seqlens(cu_seqlens, labels.shape[1])[1:-1]] = -100
             loss = F.cross_entropy(
                 logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
             )

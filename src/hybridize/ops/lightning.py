@@ -16,7 +16,12 @@ Two pure-PyTorch forms live here and are the reference for every other path:
 * :func:`recurrent_lightning_ref` -- the step-by-step form used for decode; cost O(T d^2).
 
 Tensor convention everywhere (as in fla): ``[batch, time, heads, dim]``; states are
-``[batch, heads, d_k, d_v]`` in fp32.
+``[batch, heads, d_k, d_v]`` in fp32. Packed variable-length batches (batch of 1, sequences laid end to
+end) pass ``cu_seqlens`` (``[N + 1]`` int offsets, as in flash-attn/fla): the state restarts at each
+boundary, ``initial_state`` and the final state are then per sequence, ``[N, heads, d_k, d_v]``.
+
+:func:`lightning_attention` is the entry point the layers call; it dispatches to fla on CUDA (see
+:mod:`hybridize.ops.backend`) and to the references here otherwise.
 """
 
 from __future__ import annotations
@@ -25,9 +30,13 @@ import math
 
 import torch
 
+from . import backend
+
 __all__ = [
     "lightning_slopes",
     "lightning_log_decay",
+    "check_log_decay",
+    "check_cu_seqlens",
     "chunk_lightning_ref",
     "recurrent_lightning_ref",
     "lightning_attention",
@@ -44,7 +53,7 @@ def lightning_slopes(num_heads: int) -> torch.Tensor:
         num_heads: number of heads H >= 1.
 
     Returns:
-        float32 tensor ``[H]`` of positive slopes.
+        float32 CPU tensor ``[H]`` of positive slopes.
 
     Raises:
         ValueError: if ``num_heads < 1``.
@@ -60,7 +69,7 @@ def lightning_slopes(num_heads: int) -> torch.Tensor:
     else:
         p = 2 ** int(math.floor(math.log2(num_heads)))
         slopes = power_of_two(p) + power_of_two(2 * p)[0::2][: num_heads - p]
-    return torch.tensor(slopes, dtype=torch.float32)
+    return torch.tensor(slopes, dtype=torch.float32, device="cpu")
 
 
 def lightning_log_decay(num_heads: int) -> torch.Tensor:
@@ -68,7 +77,59 @@ def lightning_log_decay(num_heads: int) -> torch.Tensor:
     return -lightning_slopes(num_heads)
 
 
-def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor) -> None:
+def check_log_decay(log_decay: torch.Tensor) -> None:
+    """Reject any log-decay that is not strictly negative and finite (decay ``gamma = exp(log_decay)`` in (0, 1)).
+
+    A zero log-decay (gamma = 1) lets the state grow without bound; a positive one makes it explode.
+    Reading the values synchronises with the device, so layers call this once at init (the decay is
+    derived from the head count) and the ops skip it on accelerators when told the values were checked.
+
+    Args:
+        log_decay: ``[H]`` float tensor, ``log(gamma_h)``.
+
+    Raises:
+        ValueError: if any entry is >= 0, NaN or infinite.
+    """
+    if not bool(((log_decay < 0) & torch.isfinite(log_decay)).all()):
+        raise ValueError(
+            "every lightning log-decay must be strictly negative and finite (decay gamma = exp(log_decay) < 1); "
+            f"got {log_decay.tolist()}. Use lightning_log_decay(num_heads) for the SPEC 1a values."
+        )
+
+
+def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, batch: int = 1) -> list[int]:
+    """Validate packed-sequence offsets and return them as a Python list (one host sync on accelerators).
+
+    Args:
+        cu_seqlens: ``[N + 1]`` int32/int64 offsets ``0 = c_0 < c_1 < ... < c_N = total``; sequence i covers
+            tokens ``c_i .. c_{i+1} - 1`` of the packed batch.
+        total: number of tokens T of the packed batch.
+        batch: batch size of the packed tensors (must be 1).
+
+    Returns:
+        the offsets as a list of N + 1 ints.
+
+    Raises:
+        ValueError: on a batch other than 1, a non-integer or non-1-D tensor, offsets that do not start at 0,
+            do not end at ``total`` or are not strictly increasing.
+    """
+    if batch != 1:
+        raise ValueError(f"cu_seqlens needs a packed batch of 1 (sequences laid end to end), got batch {batch}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.is_floating_point():
+        raise ValueError(
+            f"cu_seqlens must be a 1-D integer tensor [num_sequences + 1], got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}"
+        )
+    offsets = [int(c) for c in cu_seqlens.tolist()]
+    if offsets[0] != 0 or offsets[-1] != total or any(b <= a for a, b in zip(offsets, offsets[1:])):
+        raise ValueError(
+            f"cu_seqlens must start at 0, increase strictly and end at the packed length {total}; got {offsets}"
+        )
+    return offsets
+
+
+def _check_inputs(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor, check_decay: bool = True
+) -> None:
     if q.dim() != 4 or k.shape != q.shape or v.shape[:3] != q.shape[:3]:
         raise ValueError(
             "lightning attention expects q, k of shape [batch, time, heads, d_k] and v of shape "
@@ -76,21 +137,39 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: 
         )
     if log_decay.shape != (q.shape[2],):
         raise ValueError(f"log_decay must have shape [heads={q.shape[2]}], got {tuple(log_decay.shape)}")
-    if not bool((log_decay < 0).all()):
-        raise ValueError(
-            "every lightning log-decay must be strictly negative (decay gamma = exp(log_decay) < 1); got "
-            f"{log_decay.tolist()}. Use lightning_log_decay(num_heads) for the SPEC 1a values."
-        )
+    if check_decay or log_decay.device.type == "cpu":
+        check_log_decay(log_decay)
 
 
-def _initial_state(q: torch.Tensor, v: torch.Tensor, initial_state: torch.Tensor | None) -> torch.Tensor:
+def _initial_state(
+    q: torch.Tensor, v: torch.Tensor, initial_state: torch.Tensor | None, num_states: int | None = None
+) -> torch.Tensor:
     b, _, h, dk = q.shape
+    b = b if num_states is None else num_states
     dv = v.shape[-1]
     if initial_state is None:
         return q.new_zeros(b, h, dk, dv, dtype=torch.float32)
     if initial_state.shape != (b, h, dk, dv):
-        raise ValueError(f"initial_state must have shape {(b, h, dk, dv)}, got {tuple(initial_state.shape)}")
+        what = "per sequence of cu_seqlens " if num_states is not None else ""
+        raise ValueError(
+            f"initial_state must have shape {(b, h, dk, dv)} ({what}[states, heads, d_k, d_v]), "
+            f"got {tuple(initial_state.shape)}"
+        )
     return initial_state.float()
+
+
+def _varlen(fn, q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens, **kw):
+    """Run ``fn`` on each packed sequence separately (state reset at every boundary)."""
+    offsets = check_cu_seqlens(cu_seqlens, q.shape[1], q.shape[0])
+    n = len(offsets) - 1
+    states = _initial_state(q, v, initial_state, num_states=n)
+    outs, finals = [], []
+    for i in range(n):
+        s, e = offsets[i], offsets[i + 1]
+        o, st = fn(q[:, s:e], k[:, s:e], v[:, s:e], log_decay, scale, states[i : i + 1], output_final_state, **kw)
+        outs.append(o)
+        finals.append(st)
+    return torch.cat(outs, dim=1), (torch.cat(finals, dim=0) if output_final_state else None)
 
 
 def chunk_lightning_ref(
@@ -102,6 +181,9 @@ def chunk_lightning_ref(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     chunk_size: int = 64,
+    *,
+    cu_seqlens: torch.Tensor | None = None,
+    check_decay: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Chunked Lightning Attention, pure PyTorch (reference for training and prefill).
 
@@ -116,18 +198,26 @@ def chunk_lightning_ref(
         v: ``[B, T, H, d_v]``.
         log_decay: ``[H]`` strictly negative ``log(gamma_h)``.
         scale: multiplies ``q S``; default ``d_k ** -0.5``.
-        initial_state: ``[B, H, d_k, d_v]`` (fp32) or None for zeros.
-        output_final_state: also return the state after the last token.
+        initial_state: ``[B, H, d_k, d_v]`` (fp32) or None for zeros; ``[N, H, d_k, d_v]`` with cu_seqlens.
+        output_final_state: also return the state after the last token (of each sequence).
         chunk_size: C, tokens per chunk.
+        cu_seqlens: ``[N + 1]`` int offsets of N packed sequences (B must be 1), or None. Each sequence
+            starts from its own initial state (zeros by default) and nothing crosses a boundary.
+        check_decay: see :func:`lightning_attention` (CPU tensors are always checked).
 
     Returns:
         ``(o, final_state)``: ``o`` is ``[B, T, H, d_v]`` in q's dtype; ``final_state`` is
-        ``[B, H, d_k, d_v]`` fp32, or None.
+        ``[B, H, d_k, d_v]`` (``[N, H, d_k, d_v]`` with cu_seqlens) fp32, or None.
 
     Raises:
-        ValueError: on mismatched shapes or a non-negative log-decay.
+        ValueError: on mismatched shapes, a log-decay that is not strictly negative, or bad cu_seqlens.
     """
-    _check_inputs(q, k, v, log_decay)
+    _check_inputs(q, k, v, log_decay, check_decay)
+    if cu_seqlens is not None:
+        return _varlen(
+            chunk_lightning_ref, q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens,
+            chunk_size=chunk_size, check_decay=False,
+        )
     b, t, h, dk = q.shape
     scale = dk**-0.5 if scale is None else scale
     state = _initial_state(q, v, initial_state)
@@ -161,13 +251,22 @@ def recurrent_lightning_ref(
     scale: float | None = None,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
+    *,
+    cu_seqlens: torch.Tensor | None = None,
+    check_decay: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Step-by-step Lightning Attention, pure PyTorch (reference for decode).
 
     Applies ``S_t = gamma * S_{t-1} + k_t^T v_t``, ``o_t = scale * q_t S_t`` one token at a time
-    (SPEC 1a) in fp32. Same arguments, returns and errors as :func:`chunk_lightning_ref`.
+    (SPEC 1a) in fp32. Same arguments (less ``chunk_size``), returns and errors as
+    :func:`chunk_lightning_ref`.
     """
-    _check_inputs(q, k, v, log_decay)
+    _check_inputs(q, k, v, log_decay, check_decay)
+    if cu_seqlens is not None:
+        return _varlen(
+            recurrent_lightning_ref, q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens,
+            check_decay=False,
+        )
     b, t, h, dk = q.shape
     scale = dk**-0.5 if scale is None else scale
     state = _initial_state(q, v, initial_state)
@@ -190,12 +289,64 @@ def lightning_attention(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     chunk_size: int = 64,
+    *,
+    cu_seqlens: torch.Tensor | None = None,
+    check_decay: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Lightning Attention for any length: the recurrent form for a single token (decode), else the chunked form.
+    """Lightning Attention for any length; the single entry point the layers call.
 
-    This is the single entry point layers call; kernel dispatch (fla on CUDA) plugs in here.
-    Shapes, dtypes and errors as :func:`chunk_lightning_ref`.
+    Dispatch (:mod:`hybridize.ops.backend`): on CUDA with fla, ``fused_recurrent_simple_gla`` for one token
+    (decode) and ``chunk_simple_gla`` otherwise, both with ``g_gamma = log_decay`` (= ``-m_h``, the fixed
+    per-head decay of SPEC 1a; fla then picks its own chunk length and ``chunk_size`` is unused). Elsewhere,
+    or under :func:`~hybridize.ops.backend.force_reference`: :func:`recurrent_lightning_ref` for one token,
+    else :func:`chunk_lightning_ref`.
+
+    Args:
+        q, k, v, log_decay, scale, initial_state, output_final_state, chunk_size, cu_seqlens: as
+            :func:`chunk_lightning_ref`.
+        check_decay: read the log-decay values and reject a non-negative one. The check is always done for
+            a CPU tensor (free); for an accelerator tensor it costs a device sync, so a caller that checked
+            its constant decay once (the layer does, at init) passes False.
+
+    Returns:
+        ``(o, final_state)``: ``o`` ``[B, T, H, d_v]`` in q's dtype; ``final_state`` fp32 ``[B|N, H, d_k, d_v]``
+        or None.
+
+    Raises:
+        ValueError: on mismatched shapes, a non-negative log-decay, or bad ``cu_seqlens``.
     """
-    if q.shape[1] == 1:
-        return recurrent_lightning_ref(q, k, v, log_decay, scale, initial_state, output_final_state)
-    return chunk_lightning_ref(q, k, v, log_decay, scale, initial_state, output_final_state, chunk_size)
+    _check_inputs(q, k, v, log_decay, check_decay)
+    if backend.lightning_backend(q.device) == "fla" and q.shape[1] > 0:
+        return _fla_lightning(q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens)
+    if q.shape[1] == 1 and cu_seqlens is None:
+        return recurrent_lightning_ref(
+            q, k, v, log_decay, scale, initial_state, output_final_state, check_decay=False
+        )
+    return chunk_lightning_ref(
+        q, k, v, log_decay, scale, initial_state, output_final_state, chunk_size,
+        cu_seqlens=cu_seqlens, check_decay=False,
+    )
+
+
+def _fla_lightning(q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens):
+    """fla's simple-GLA kernels with ``g_gamma = log_decay`` (inputs already validated)."""
+    chunk_kernel, recurrent_kernel = backend.fla_lightning_kernels()
+    n = q.shape[0]
+    kwargs = {}
+    if cu_seqlens is not None:
+        n = len(check_cu_seqlens(cu_seqlens, q.shape[1], q.shape[0])) - 1
+        kwargs["cu_seqlens"] = cu_seqlens.to(device=q.device, dtype=torch.long)
+    if initial_state is not None:
+        initial_state = _initial_state(q, v, initial_state, num_states=n).contiguous()
+    kernel = recurrent_kernel if q.shape[1] == 1 and cu_seqlens is None else chunk_kernel
+    o, final = kernel(
+        q,
+        k,
+        v,
+        g_gamma=log_decay.to(device=q.device, dtype=torch.float32),
+        scale=q.shape[-1] ** -0.5 if scale is None else scale,
+        initial_state=initial_state,
+        output_final_state=output_final_state,
+        **kwargs,
+    )
+    return o.to(q.dtype), (final.float() if output_final_state else None)

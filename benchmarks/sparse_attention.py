@@ -1,0 +1,375 @@
+"""Benchmark one SALA-shaped InfLLM-V2 sparse attention layer against dense SDPA on one GPU (issue 5).
+
+Shape: 32 query heads, 2 KV heads, head dim 128, bf16, batch 1, default sparse config (kernel 32 / stride 16,
+64-token blocks, 1 init block, 2048-token window, top-64; ``dense_len`` is irrelevant here: every measured
+length is far above it, and the sparse ops are called directly). For each context length it times, each
+candidate separately and in the same run:
+
+* prefill (all T queries):
+  - ``dense_sdpa``: causal SDPA on the flash backend (GQA without copying KV where torch allows it);
+  - ``selection``: compressed keys + block scores + top-k for every query (:func:`select_block_indices`,
+    queries in memory-bounded chunks), eager; ``selection_compiled``: the same with the fused scoring core
+    compiled by ``torch.compile`` (candidate);
+  - ``flex_mask``: building the FlexAttention BlockMask from the indices; ``flex``: the attention itself;
+  - ``sparse_total`` = best selection + flex_mask + flex, and the selection's share of it.
+* decode (one new token over a T-token cache, compressed keys cached as a decode loop would):
+  - ``dense_sdpa``: SDPA of the 16 query heads of each KV group against the whole cache (flash);
+  - ``selection``: scoring + top-k for the one query; ``gather``: gather the selected blocks' K/V + SDPA;
+    ``flex``: the same selection through FlexAttention (mask build included);
+  - ``sparse_total`` = selection + best of gather/flex.
+
+Out-of-memory is recorded as ``"oom"``, other failures as ``"error: ..."``; a measurement whose estimated cost
+(extrapolated from the previous length) would overrun ``--time-budget`` is recorded as ``"skipped"``.
+Results are printed and written as JSON (GPU name, torch/triton versions, git commit, the exact command).
+
+Run on the GPU machine from the repository root (hybridize installed, or ``PYTHONPATH=src``)::
+
+    PYTHONPATH=src python benchmarks/sparse_attention.py        # 32K .. 1M, ~8 min budget
+    PYTHONPATH=src python benchmarks/sparse_attention.py --sizes 32768,131072 --time-budget 120 --out /tmp/q.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from hybridize.ops import sparse_attention as sa
+from hybridize.ops.sparse_attention import (
+    SparseConfig,
+    compress_keys,
+    flex_block_mask,
+    select_block_indices,
+    sparse_attention_flex,
+    sparse_attention_gather,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+HEADS, KV_HEADS, HEAD_DIM = 32, 2, 128
+DEFAULT_SIZES = "32768,131072,262144,524288,1048576"
+
+
+def _git_commit() -> str:
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+        return commit + ("-dirty" if dirty else "")
+    except Exception:  # noqa: BLE001 - not a git checkout (e.g. a copied tree)
+        return "unknown"
+
+
+def _versions() -> dict:
+    info = {"torch": torch.__version__, "cuda": torch.version.cuda}
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except Exception:  # noqa: BLE001
+        info["triton"] = None
+    return info
+
+
+class Budget:
+    """Wall-clock budget; estimates a measurement's cost from the previous length by a power law."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.start = seconds, time.perf_counter()
+        self.last: dict[str, tuple[int, float]] = {}
+
+    def left(self) -> float:
+        return self.seconds - (time.perf_counter() - self.start)
+
+    def allows(self, key: str, tokens: int, exponent: float, calls: int) -> bool:
+        if key not in self.last:
+            return self.left() > 0
+        prev_tokens, prev_ms = self.last[key]
+        estimate = prev_ms / 1e3 * (tokens / prev_tokens) ** exponent * calls
+        return estimate < self.left()
+
+    def record(self, key: str, tokens: int, ms) -> None:
+        if isinstance(ms, float):
+            self.last[key] = (tokens, ms)
+
+
+def timed(fn: Callable[[], object], repeats: int, warmup: int) -> float | str:
+    """Median milliseconds of ``fn`` over ``repeats`` calls (CUDA events on a GPU, wall clock on CPU).
+
+    Returns "oom" or "error: ..." instead of raising.
+    """
+    cuda = torch.cuda.is_available()
+    try:
+        for _ in range(warmup):
+            fn()
+        if cuda:
+            torch.cuda.synchronize()
+        times = []
+        for _ in range(repeats):
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e3)
+        times.sort()
+        return times[len(times) // 2]
+    except torch.cuda.OutOfMemoryError:
+        return "oom"
+    except Exception as exc:  # noqa: BLE001 - recorded, the run goes on
+        return f"error: {type(exc).__name__}: {exc}"[:400]
+    finally:
+        torch.cuda.empty_cache()
+
+
+def _dense_prefill_fn(q, k, v):
+    """Causal flash SDPA; GQA through ``enable_gqa`` when the flash backend takes it, else repeated KV."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    try:
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            F.scaled_dot_product_attention(q[:, :, :128], k[:, :, :128], v[:, :, :128], is_causal=True, enable_gqa=True)
+
+        def run():
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+        return run, "flash, enable_gqa"
+    except Exception:  # noqa: BLE001
+        g = q.shape[1] // k.shape[1]
+        kr, vr = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+
+        def run():
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                return F.scaled_dot_product_attention(q, kr, vr, is_causal=True)
+
+        return run, "flash, KV repeated"
+
+
+def _dense_decode_fn(q1, k, v):
+    """One-token decode: the group's query heads as rows against the whole cache (reads KV once), flash."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    g = q1.shape[1] // k.shape[1]
+    qg = q1.reshape(1, k.shape[1], g, q1.shape[-1])
+
+    def run():
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(qg, k, v)
+
+    return run
+
+
+def bench_length(t: int, cfg: SparseConfig, args, budget: Budget, compiled_scores) -> dict:
+    """Every measurement at context length ``t``: a dict with ``prefill`` and ``decode`` sections (ms)."""
+    dev = args.device
+    gen = torch.Generator(device=dev).manual_seed(t)
+    row: dict = {"tokens": t, "prefill": {}, "decode": {}}
+
+    def n_repeats(key: str, exponent: float) -> int:
+        """``--repeats`` calls, but one for a measurement expected to take over a second."""
+        if key in budget.last:
+            prev_t, prev_ms = budget.last[key]
+            if prev_ms * (t / prev_t) ** exponent > 1000:
+                return 1
+        return args.repeats
+
+    try:
+        q = torch.randn(1, HEADS, t, HEAD_DIM, device=dev, dtype=torch.bfloat16, generator=gen)
+        k = torch.randn(1, KV_HEADS, t, HEAD_DIM, device=dev, dtype=torch.bfloat16, generator=gen)
+        v = torch.randn(1, KV_HEADS, t, HEAD_DIM, device=dev, dtype=torch.bfloat16, generator=gen)
+    except torch.cuda.OutOfMemoryError:
+        row["error"] = "oom allocating q/k/v"
+        return row
+
+    def measure(section: str, key: str, fn, exponent: float, warmup: int = 0):
+        bkey = f"{section}/{key}"
+        n = n_repeats(bkey, exponent)
+        if not budget.allows(bkey, t, exponent, n + warmup):
+            row[section][key] = "skipped (time budget)"
+            return row[section][key]
+        ms = timed(fn, n, warmup)
+        budget.record(bkey, t, ms)
+        row[section][key] = ms
+        print(f"  {t:>8} {section:<8} {key:<20} {ms if isinstance(ms, str) else f'{ms:10.3f} ms'}", flush=True)
+        return ms
+
+    # ------------------------------------------------------------------ prefill
+    nc = max(1, (t - cfg.kernel_size) // cfg.kernel_stride + 1)
+    chunk = max(1, min(t, args.score_elements // (HEADS * nc)))
+    row["score_chunk_queries"] = chunk
+    run, how = _dense_prefill_fn(q, k, v)
+    row["dense_backend"] = how
+    measure("prefill", "dense_sdpa", run, 2.0, warmup=1 if t == args.first else 0)
+
+    holder: dict = {}
+
+    def select():
+        holder["idx"] = select_block_indices(q, k, cfg, chunk_size=chunk)
+
+    measure("prefill", "selection", select, 2.0, warmup=1 if t == args.first else 0)
+    if compiled_scores is not None:
+        eager = sa._window_block_scores
+        sa._window_block_scores = compiled_scores
+        try:
+            measure("prefill", "selection_compiled", select, 2.0, warmup=1)
+        finally:
+            sa._window_block_scores = eager
+    if "idx" not in holder:
+        try:
+            select()
+        except torch.cuda.OutOfMemoryError:
+            row["prefill"]["flex"] = "oom (selection)"
+    if "idx" in holder:
+        idx = holder["idx"]
+        row["selected_blocks_max"] = int((idx >= 0).sum(-1).max().item())
+
+        def build():
+            holder["mask"] = flex_block_mask(idx, t, t, cfg.block_size, HEADS // KV_HEADS, full_width=dev == "cpu")
+
+        measure("prefill", "flex_mask", build, 1.0)
+        if "mask" in holder:
+            measure(
+                "prefill",
+                "flex",
+                lambda: sparse_attention_flex(q, k, v, idx, cfg.block_size, block_mask=holder["mask"]),
+                1.0,
+                warmup=1,
+            )
+        holder.pop("mask", None)
+        del idx
+        holder.pop("idx", None)
+        torch.cuda.empty_cache()
+
+    p = row["prefill"]
+    sel = [p[x] for x in ("selection", "selection_compiled") if isinstance(p.get(x), float)]
+    if sel and isinstance(p.get("flex_mask"), float) and isinstance(p.get("flex"), float):
+        p["sparse_total"] = min(sel) + p["flex_mask"] + p["flex"]
+        p["selection_fraction"] = min(sel) / p["sparse_total"]
+        if isinstance(p.get("dense_sdpa"), float):
+            p["speedup_vs_dense"] = p["dense_sdpa"] / p["sparse_total"]
+
+    # ------------------------------------------------------------------- decode
+    q1 = q[:, :, -1:].contiguous()
+    q = None  # free the prefill queries before the decode measurements
+    torch.cuda.empty_cache()
+    measure("decode", "dense_sdpa", _dense_decode_fn(q1, k, v), 1.0, warmup=2)
+    kc = compress_keys(k, cfg.kernel_size, cfg.kernel_stride)  # a decode loop keeps these cached
+    measure("decode", "compress_keys_full", lambda: compress_keys(k, cfg.kernel_size, cfg.kernel_stride), 1.0, warmup=1)
+
+    def select1():
+        holder["idx1"] = select_block_indices(q1, k, cfg, compressed_k=kc)
+
+    measure("decode", "selection", select1, 1.0, warmup=2)
+    if "idx1" in holder:
+        idx1 = holder["idx1"]
+        measure("decode", "gather", lambda: sparse_attention_gather(q1, k, v, idx1, cfg.block_size), 1.0, warmup=2)
+        measure("decode", "flex", lambda: sparse_attention_flex(q1, k, v, idx1, cfg.block_size), 1.0, warmup=2)
+    d = row["decode"]
+    att = [d[x] for x in ("gather", "flex") if isinstance(d.get(x), float)]
+    if att and isinstance(d.get("selection"), float):
+        d["sparse_total"] = d["selection"] + min(att)
+        d["selection_fraction"] = d["selection"] / d["sparse_total"]
+        if isinstance(d.get("dense_sdpa"), float):
+            d["speedup_vs_dense"] = d["dense_sdpa"] / d["sparse_total"]
+    return row
+
+
+def _print_table(rows: list[dict]) -> None:
+    """Summary: dense vs sparse milliseconds, speedup and selection share, prefill and decode."""
+
+    def cell(x, width, fmt="{:.2f}"):
+        return (fmt.format(x) if isinstance(x, float) else str(x)[:width]).rjust(width)
+
+    def section(s, width):
+        share = 100 * s["selection_fraction"] if "selection_fraction" in s else None
+        return (
+            f"{cell(s.get('dense_sdpa'), width)} {cell(s.get('sparse_total'), width)} "
+            f"{cell(s.get('speedup_vs_dense'), 6)} {cell(share, 5, '{:.0f}')}"
+        )
+
+    head = "dense ms, sparse ms, x, sel%"
+    print(f"\n{'tokens':>8} | {'prefill: ' + head:>40} | {'decode: ' + head:>40}")
+    for row in rows:
+        print(f"{row['tokens']:>8} | {section(row.get('prefill', {}), 13)} | {section(row.get('decode', {}), 13)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", default=DEFAULT_SIZES, help="comma-separated context lengths (tokens)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per measurement (1 above ~1 s)")
+    parser.add_argument(
+        "--time-budget", type=float, default=450.0, help="seconds; later measurements are skipped past it"
+    )
+    parser.add_argument(
+        "--score-elements", type=int, default=1 << 29, help="fp32 scores per scoring chunk (memory bound)"
+    )
+    parser.add_argument("--no-compiled-selection", action="store_true", help="skip the torch.compile scoring candidate")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "sparse_attention_h200.json"))
+    parser.add_argument("--device", default="cuda", help="cuda; 'cpu' only smoke-tests the script at tiny sizes")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("needs a CUDA GPU (or --device cpu for a smoke test)", file=sys.stderr)
+        return 2
+    sizes = [int(s) for s in args.sizes.split(",") if s]
+    args.first = sizes[0]
+    cfg = SparseConfig()
+    budget = Budget(args.time_budget)
+    compiled_scores = None
+    if not args.no_compiled_selection:
+        compiled_scores = torch.compile(sa._window_block_scores, dynamic=True)
+
+    result = {
+        "benchmark": "sparse_attention",
+        "issue": 5,
+        "gpu": torch.cuda.get_device_name() if args.device == "cuda" else "cpu (smoke test)",
+        **_versions(),
+        "git_commit": _git_commit(),
+        "command": " ".join(shlex.quote(x) for x in [sys.executable, *sys.argv]),
+        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "shape": {"batch": 1, "heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "dtype": "bfloat16"},
+        "sparse_config": cfg.to_dict(),
+        "time_budget_s": args.time_budget,
+        "units": "milliseconds (median over --repeats calls, timed with CUDA events)",
+        "results": [],
+    }
+    torch.backends.cuda.matmul.allow_tf32 = True
+    print(f"{result['gpu']}  torch {result['torch']}  triton {result['triton']}  commit {result['git_commit']}")
+    for t in sizes:
+        if budget.left() <= 0:
+            result["results"].append({"tokens": t, "skipped": "time budget"})
+            continue
+        result["results"].append(bench_length(t, cfg, args, budget, compiled_scores))
+        torch.cuda.empty_cache()
+    result["wall_s"] = round(time.perf_counter() - budget.start, 1)
+    if args.device == "cuda":
+        result["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+
+    _print_table(result["results"])
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}  ({result['wall_s']} s)")
+    if os.environ.get("OUT"):  # the device runner brings back files written under $OUT
+        Path(os.environ["OUT"], out.name).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

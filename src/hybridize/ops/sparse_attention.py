@@ -1,0 +1,794 @@
+"""InfLLM-V2 block-sparse attention (SPEC 1c; MiniCPM-SALA, arXiv 2602.11761; InfLLM-V2, arXiv 2509.24663).
+
+Each query token attends to a union of 64-token key blocks instead of the whole past:
+
+* the first ``init_blocks`` blocks (attention sinks);
+* the ``local_blocks = window_size // block_size`` most recent blocks: the query's own block (causal
+  inside it) and the ``local_blocks - 1`` blocks before it;
+* the ``topk`` best-scoring *other* blocks (not init, not local, entirely in the past).
+
+Block scores (computed without gradient, per KV head so that a whole GQA group selects the same blocks):
+
+1. **Compressed keys.** Window ``j`` covers tokens ``[j*stride, j*stride + kernel_size)``; its compressed key
+   is the mean of those keys. Only complete windows exist: ``Nc = (T - kernel_size) // stride + 1``.
+2. **Causality of windows.** A query at position ``t`` may use window ``j`` only once all its tokens are
+   visible: ``j*stride + kernel_size - 1 <= t`` (the rule of InfLLM-V2's stage-1 kernel, whose causal mask
+   lets query ``i`` see compressed key ``j`` iff ``i >= j*16 + 31``).
+3. **Per-head scores.** ``p_h = softmax_j(q_h . Kc_j * scale)`` over the visible windows (``scale`` is the
+   attention scale, ``d**-0.5`` by default); a query with no visible window scores 0 everywhere.
+4. **Group sum.** ``s = sum_h p_h`` over the query heads of the GQA group.
+5. **Block pooling.** Block ``b`` (tokens ``[b*B, (b+1)*B)``) scores the max of ``s`` over every window that
+   overlaps it (shares at least one token): ``j`` in ``[b*B/stride - (kernel_size/stride - 1),
+   (b+1)*B/stride - 1]``. With the SALA sizes these are windows ``4b-1 .. 4b+3``: exactly the
+   ``max_pooling_1d`` of OpenBMB/infllmv2_cuda_impl (kernel ``B/stride + 1``, stride ``B/stride``,
+   padding 1). Windows that do not exist (past the end) or are not yet visible count as 0.
+6. **Selection.** Blocks that start after the query are never selected; the init and local blocks are
+   always selected; among the remaining causal blocks (``init_blocks <= b <= qb - local_blocks``, ``qb`` the
+   query's block) the ``min(topk, available)`` highest scores are taken; ties (frequent: neighbouring blocks
+   share their boundary windows) go to the earlier block, so the choice never depends on tensor sizes.
+
+Dense regime: a query whose context is shorter than ``dense_len`` (``t + 1 < dense_len``) attends densely
+(all causal blocks). The switch is per query, so one full forward equals prefill + token-by-token decode
+exactly. MiniCPM-SALA's modelling code switches per call on the total length; the two agree for every
+decode step and for every prefill shorter than ``dense_len``.
+
+Differences from the public MiniCPM-SALA code, all deliberate and documented here:
+
+* SALA's CUDA stage-1 kernel approximates the softmax normaliser (LSE) with 4x coarser compressed keys
+  (kernel 128, stride 64) for speed; this reference normalises exactly over the level-1 windows.
+* ``topk`` counts the scored blocks only, as SPEC 1c says and as OpenBMB's CPM.cu engine configures it
+  (``sink_window_size`` 1, ``block_window_size`` 32, ``sparse_topk_k`` 64). SALA's HuggingFace modelling
+  code instead ranks ``topk + window_size // block_size`` blocks per query with the init blocks and the
+  ``window_size // block_size + 1`` blocks ending at the query's forced in; the same selection here is
+  ``window_size = 2048 + 64`` and ``topk = 64 - init_blocks - 1`` (the conversion lives in
+  :mod:`hybridize.models.released`, which is what loading a released checkpoint uses).
+
+Tensor convention (as :mod:`hybridize.ops.attention`): ``q`` ``[B, Hq, Tq, d]``, ``k``/``v``
+``[B, Hkv, Tk, d]``; the queries are the last ``Tq`` of the ``Tk`` positions (``past = Tk - Tq``); GQA query
+head ``i`` reads KV head ``i // (Hq / Hkv)``. Block selections are either index lists ``[B, Hkv, Tq, K]``
+(int64, ascending, padded with -1) or boolean masks ``[B, Hkv, Tq, n_blocks]``.
+
+Implementations of the attention over a selection:
+
+* :func:`sparse_attention_ref` -- per query chunk, a boolean token mask and SDPA; differentiable; CPU/GPU.
+* :func:`sparse_attention_gather` -- gathers only the selected blocks' K/V per query, then SDPA. This is the
+  decode path (``Tq == 1``): it reads ``K * block_size`` cached tokens, not the whole cache.
+* :func:`sparse_attention_flex` -- torch FlexAttention with a BlockMask built from the indices (CUDA
+  prefill). The query heads of a GQA group are laid out as consecutive rows, so one 16-row tile is one
+  token and the BlockMask is exactly the token's selection (the InfLLM-V2 kernel's layout).
+
+:func:`sparse_attention` dispatches between them (and to dense SDPA below ``dense_len``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+
+from .attention import attention_mask_4d, softmax_attention
+from .backend import reference_forced
+
+__all__ = [
+    "SparseConfig",
+    "num_windows",
+    "compress_keys",
+    "update_compressed_keys",
+    "block_scores",
+    "select_block_indices",
+    "select_blocks",
+    "indices_to_mask",
+    "sparse_attention_ref",
+    "sparse_attention_gather",
+    "flex_block_mask",
+    "sparse_attention_flex",
+    "sparse_decode",
+    "sparse_attention",
+]
+
+logger = logging.getLogger("hybridize")
+
+#: Elements (fp32) one scoring chunk may materialise per intermediate; bounds memory at any length.
+_SCORE_BUDGET = 1 << 26
+#: Up to this many queries :func:`sparse_attention` gathers the selected blocks instead of running flex.
+_GATHER_MAX_QUERIES = 16
+#: Block indices must stay below this for the tie-breaking top-k key (2**24 blocks = 1G tokens at 64).
+_TIE_SPAN = 1 << 24
+#: Elements (bool) of the token mask of one query chunk in :func:`sparse_attention_ref`.
+_MASK_BUDGET = 1 << 26
+#: Elements of the gathered K (or V) of one query chunk in :func:`sparse_attention_gather`.
+_GATHER_BUDGET = 1 << 25
+
+
+@dataclass(frozen=True)
+class SparseConfig:
+    """Sizes of the InfLLM-V2 sparse attention (defaults: MiniCPM-SALA's ``sparse_config``).
+
+    Attributes:
+        kernel_size: tokens per compressed-key window (32).
+        kernel_stride: stride between windows (16); must divide ``kernel_size`` and ``block_size``.
+        init_blocks: leading blocks every query attends to (1).
+        block_size: tokens per selectable KV block (64).
+        window_size: tokens of the local window (2048); a multiple of ``block_size``; ``window_size //
+            block_size`` local blocks (the query's own block and the ones before it) are always attended.
+        topk: scored blocks selected per query besides the init and local blocks (64); clamped to the
+            blocks available.
+        dense_len: a query whose context (``t + 1`` tokens) is shorter than this attends densely (8192).
+
+    Raises:
+        ValueError: on a non-integer or out-of-range field (the message names the field and the rule).
+    """
+
+    kernel_size: int = 32
+    kernel_stride: int = 16
+    init_blocks: int = 1
+    block_size: int = 64
+    window_size: int = 2048
+    topk: int = 64
+    dense_len: int = 8192
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"sparse_config.{f.name} must be an int, got {value!r}")
+        for name in ("kernel_size", "kernel_stride", "block_size", "window_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"sparse_config.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("init_blocks", "topk", "dense_len"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"sparse_config.{name} must be >= 0, got {getattr(self, name)}")
+        if self.kernel_size % self.kernel_stride:
+            raise ValueError(
+                f"sparse_config.kernel_size ({self.kernel_size}) must be a multiple of kernel_stride "
+                f"({self.kernel_stride})"
+            )
+        if self.block_size % self.kernel_stride:
+            raise ValueError(
+                f"sparse_config.block_size ({self.block_size}) must be a multiple of kernel_stride "
+                f"({self.kernel_stride})"
+            )
+        if self.window_size % self.block_size:
+            raise ValueError(
+                f"sparse_config.window_size ({self.window_size}) must be a multiple of block_size "
+                f"({self.block_size}): the local window is a whole number of blocks"
+            )
+
+    @property
+    def local_blocks(self) -> int:
+        """Number of local blocks (``window_size // block_size``), the query's own block included."""
+        return self.window_size // self.block_size
+
+    @classmethod
+    def from_dict(cls, config: Mapping | None) -> "SparseConfig":
+        """Build from a ``sparse_config`` dict (missing keys take the SALA defaults; None = all defaults).
+
+        Raises:
+            ValueError: on unknown keys or invalid values.
+        """
+        config = dict(config or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(config) - known)
+        if unknown:
+            raise ValueError(f"unknown sparse_config keys {unknown}; supported: {sorted(known)}")
+        return cls(**config)
+
+    def to_dict(self) -> dict:
+        """The fields as a plain dict (what ``HybridConfig.sparse_config`` stores)."""
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------------------- scoring
+
+
+def num_windows(num_tokens: int, kernel_size: int, kernel_stride: int) -> int:
+    """Complete compressed-key windows in ``num_tokens`` tokens: ``(T - kernel_size) // stride + 1``, or 0.
+
+    This is also the number of windows visible to a query at position ``num_tokens - 1``.
+    """
+    if num_tokens < kernel_size:
+        return 0
+    return (num_tokens - kernel_size) // kernel_stride + 1
+
+
+def compress_keys(k: torch.Tensor, kernel_size: int, kernel_stride: int) -> torch.Tensor:
+    """Mean-pool keys over windows of ``kernel_size`` tokens taken every ``kernel_stride`` tokens.
+
+    Window ``j`` is ``mean(k[..., j*stride : j*stride + kernel_size, :])``; only complete windows are
+    returned. Summed in fp32 through stride-long segments (no ``kernel_size/stride``-fold copy of ``k``).
+
+    Args:
+        k: keys ``[B, Hkv, T, d]``, any float dtype.
+        kernel_size, kernel_stride: window length and stride; ``kernel_stride`` must divide ``kernel_size``.
+
+    Returns:
+        ``[B, Hkv, Nc, d]`` in ``k``'s dtype, ``Nc = num_windows(T, kernel_size, kernel_stride)`` (may be 0).
+
+    Raises:
+        ValueError: if ``kernel_stride`` does not divide ``kernel_size``.
+    """
+    if kernel_size % kernel_stride:
+        raise ValueError(f"kernel_stride ({kernel_stride}) must divide kernel_size ({kernel_size})")
+    b, h, t, d = k.shape
+    nc = num_windows(t, kernel_size, kernel_stride)
+    if nc == 0:
+        return k.new_zeros(b, h, 0, d)
+    r = kernel_size // kernel_stride
+    n_seg = nc - 1 + r
+    seg = k[:, :, : n_seg * kernel_stride].reshape(b, h, n_seg, kernel_stride, d).float().sum(3)
+    out = seg[:, :, :nc].clone()
+    for i in range(1, r):
+        out += seg[:, :, i : i + nc]
+    return (out / kernel_size).to(k.dtype)
+
+
+def update_compressed_keys(
+    compressed: torch.Tensor | None, k: torch.Tensor, kernel_size: int, kernel_stride: int
+) -> torch.Tensor:
+    """Extend cached compressed keys with the windows completed by new tokens (decode: O(new) work).
+
+    Args:
+        compressed: ``[B, Hkv, Nc_old, d]`` windows already computed from a prefix of ``k`` (or None).
+        k: all keys so far ``[B, Hkv, T, d]`` (the KV cache after appending the new tokens).
+
+    Returns:
+        ``[B, Hkv, num_windows(T), d]``, equal to ``compress_keys(k, ...)``.
+    """
+    old = 0 if compressed is None else compressed.shape[2]
+    total = num_windows(k.shape[2], kernel_size, kernel_stride)
+    if compressed is not None and old == total:
+        return compressed
+    start = old * kernel_stride
+    new = compress_keys(k[:, :, start:], kernel_size, kernel_stride)
+    return new if compressed is None else torch.cat([compressed, new], dim=2)
+
+
+def _visible_windows(positions: torch.Tensor, cfg: SparseConfig) -> torch.Tensor:
+    """``[Tq]`` number of windows fully visible to each query position (window j: ``j*s + ks - 1 <= t``)."""
+    n = torch.div(positions + 1 - cfg.kernel_size, cfg.kernel_stride, rounding_mode="floor") + 1
+    return n.clamp(min=0)
+
+
+def _pool_to_blocks(window_scores: torch.Tensor, n_blocks: int, cfg: SparseConfig) -> torch.Tensor:
+    """Max over the windows overlapping each block: ``[..., Nc]`` -> ``[..., n_blocks]`` (0 where none exist)."""
+    r = cfg.kernel_size // cfg.kernel_stride
+    per_block = cfg.block_size // cfg.kernel_stride
+    pad_left = r - 1
+    width = pad_left + per_block
+    nc = window_scores.shape[-1]
+    need = n_blocks * per_block + pad_left  # padded length read by the last block
+    padded = F.pad(window_scores, (pad_left, max(0, n_blocks * per_block - nc)))[..., :need]
+    return padded.unfold(-1, width, per_block).amax(-1)
+
+
+def block_scores(
+    q: torch.Tensor,
+    compressed_k: torch.Tensor,
+    positions: torch.Tensor,
+    n_blocks: int,
+    cfg: SparseConfig,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Group-summed, block-pooled scores of SPEC 1c (steps 2-5 of the module docstring).
+
+    Args:
+        q: queries ``[B, Hq, Tq, d]``.
+        compressed_k: ``[B, Hkv, Nc, d]`` from :func:`compress_keys`.
+        positions: ``[Tq]`` int64 absolute positions of the queries.
+        n_blocks: number of key blocks to score (``ceil(Tk / block_size)``).
+        scale: softmax scale; default ``d ** -0.5``.
+
+    Returns:
+        fp32 ``[B, Hkv, Tq, n_blocks]``, each entry >= 0 (0 for blocks without a visible window). No
+        causal block masking is applied here (see :func:`select_block_indices`).
+    """
+    b, hq, tq, d = q.shape
+    hkv = compressed_k.shape[1]
+    scale = d**-0.5 if scale is None else scale
+    visible = _visible_windows(positions, cfg)
+    nc = min(compressed_k.shape[2], int(visible.max().item()) if tq else 0)
+    if nc == 0:
+        return q.new_zeros(b, hkv, tq, n_blocks, dtype=torch.float32)
+    return _window_block_scores(q, compressed_k[:, :, :nc], visible, n_blocks, cfg, scale)
+
+
+def _window_block_scores(
+    q: torch.Tensor, compressed_k: torch.Tensor, visible: torch.Tensor, n_blocks: int, cfg: SparseConfig, scale: float
+) -> torch.Tensor:
+    """Tensor-only core of :func:`block_scores` (no host syncs, so it can be ``torch.compile``-d).
+
+    ``q`` ``[B, Hq, Tq, d]``, ``compressed_k`` ``[B, Hkv, Nc, d]``, ``visible`` ``[Tq]`` visible-window counts
+    -> fp32 ``[B, Hkv, Tq, n_blocks]``.
+    """
+    b, hq, tq, d = q.shape
+    hkv, nc = compressed_k.shape[1], compressed_k.shape[2]
+    logits = torch.matmul(q.reshape(b, hkv, hq // hkv, tq, d), compressed_k[:, :, None].transpose(-1, -2))
+    mask = torch.arange(nc, device=q.device)[None, :] < visible[:, None]  # [Tq, Nc]
+    probs = torch.softmax(logits.float().mul(scale).masked_fill(~mask, float("-inf")), dim=-1)
+    probs = probs.masked_fill(~mask, 0.0)  # also clears the NaN rows of queries with no visible window
+    return _pool_to_blocks(probs.sum(2), n_blocks, cfg)
+
+
+def _select_chunk(
+    q: torch.Tensor,
+    compressed_k: torch.Tensor,
+    positions: torch.Tensor,
+    n_blocks: int,
+    cfg: SparseConfig,
+    scale: float | None,
+) -> torch.Tensor:
+    """Selected block indices ``[B, Hkv, Tq, K]`` (int64, ascending, -1 padded) for one query chunk."""
+    device = q.device
+    b, hkv = q.shape[0], compressed_k.shape[1]
+    tq = positions.shape[0]
+    qb = torch.div(positions, cfg.block_size, rounding_mode="floor")  # [Tq]
+    blocks = torch.arange(n_blocks, device=device)
+    n_init = min(cfg.init_blocks, n_blocks)
+    n_local = min(cfg.local_blocks, n_blocks)
+    k_top = min(cfg.topk, n_blocks)
+
+    init = torch.arange(n_init, device=device).expand(tq, n_init)
+    init = torch.where(init <= qb[:, None], init, -1)
+    local = qb[:, None] - torch.arange(n_local, device=device)[None, :]
+    local = torch.where(local >= cfg.init_blocks, local, -1)
+    parts = [init.expand(b, hkv, tq, n_init), local.expand(b, hkv, tq, n_local)]
+    if k_top > 0:
+        candidate = (blocks[None, :] >= cfg.init_blocks) & (blocks[None, :] <= qb[:, None] - cfg.local_blocks)
+        if bool(candidate.any()):
+            scores = block_scores(q, compressed_k, positions, n_blocks, cfg, scale)
+            # Exact top-k with ties to the earlier block: adjacent blocks share their boundary windows, so
+            # equal scores are common, and the choice must not depend on tensor sizes (prefill vs decode).
+            # Scores are >= 0, so their fp32 bit patterns order like the values.
+            key = scores.view(torch.int32).long() * _TIE_SPAN + (_TIE_SPAN - 1 - blocks)
+            values, top = key.masked_fill(~candidate, -1).topk(k_top, dim=-1)
+            parts.append(torch.where(values >= 0, top, -1))
+    idx = torch.cat(parts, dim=-1)
+
+    dense = positions + 1 < cfg.dense_len
+    if bool(dense.any()):
+        width = max(idx.shape[-1], int(qb[dense].max().item()) + 1)
+        idx = F.pad(idx, (0, width - idx.shape[-1]), value=-1)
+        every = torch.arange(width, device=device)
+        every = torch.where(every[None, :] <= qb[:, None], every, -1)
+        idx = torch.where(dense[:, None], every, idx)
+    # ascending order, -1 last
+    idx = torch.where(idx < 0, n_blocks, idx).sort(dim=-1).values
+    return torch.where(idx == n_blocks, -1, idx)
+
+
+@torch.no_grad()
+def select_block_indices(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cfg: SparseConfig,
+    *,
+    scale: float | None = None,
+    compressed_k: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Blocks each query attends to, as index lists (SPEC 1c; rules in the module docstring).
+
+    Memory is bounded at any length: queries are scored in chunks of ``chunk_size`` (default: as many as
+    fit ``2**26`` fp32 scores per intermediate), each chunk against only the windows it can see.
+
+    Args:
+        q: ``[B, Hq, Tq, d]``, the last ``Tq`` positions of ``k``.
+        k: ``[B, Hkv, Tk, d]`` (cache included).
+        cfg: the sparse sizes.
+        scale: scoring softmax scale (default ``d ** -0.5``).
+        compressed_k: precomputed ``compress_keys(k)`` (e.g. cached for decode); computed when None.
+        chunk_size: queries per scoring chunk.
+
+    Returns:
+        int64 ``[B, Hkv, Tq, K]``: ascending block indices, padded with -1. Every query's list holds its own
+        block; a block after the query's block never appears.
+
+    Raises:
+        ValueError: on shape mismatches or ``compressed_k`` with too few windows.
+    """
+    b, hq, tq, d = q.shape
+    bk, hkv, tk, dk = k.shape
+    if (b, d) != (bk, dk) or hq % hkv or tq > tk:
+        raise ValueError(
+            "expected q [B, Hq, Tq, d] and k [B, Hkv, Tk, d] with Hkv | Hq and Tq <= Tk; "
+            f"got {tuple(q.shape)}, {tuple(k.shape)}"
+        )
+    if compressed_k is None:
+        compressed_k = compress_keys(k, cfg.kernel_size, cfg.kernel_stride)
+    elif compressed_k.shape[2] < num_windows(tk, cfg.kernel_size, cfg.kernel_stride):
+        raise ValueError(
+            f"compressed_k has {compressed_k.shape[2]} windows but {tk} keys make "
+            f"{num_windows(tk, cfg.kernel_size, cfg.kernel_stride)}: update it with update_compressed_keys"
+        )
+    n_blocks = -(-tk // cfg.block_size)
+    if n_blocks >= _TIE_SPAN:
+        raise ValueError(f"{tk} keys make {n_blocks} blocks; at most {_TIE_SPAN - 1} are supported")
+    positions = torch.arange(tk - tq, tk, device=q.device)
+    if chunk_size is None:
+        per_query = hq * max(1, compressed_k.shape[2]) + hkv * n_blocks
+        chunk_size = max(1, min(tq, _SCORE_BUDGET // per_query))
+    chunks = [
+        _select_chunk(q[:, :, s : s + chunk_size], compressed_k, positions[s : s + chunk_size], n_blocks, cfg, scale)
+        for s in range(0, tq, chunk_size)
+    ]
+    width = max(c.shape[-1] for c in chunks)
+    out = torch.cat([F.pad(c, (0, width - c.shape[-1]), value=-1) for c in chunks], dim=2)
+    used = int((out >= 0).sum(-1).max().item())  # drop all-padding columns (lists are -1 last)
+    return out[..., : max(1, used)]
+
+
+def indices_to_mask(indices: torch.Tensor, n_blocks: int) -> torch.Tensor:
+    """Index lists -> boolean block mask.
+
+    Args:
+        indices: int64 ``[..., K]`` block indices in ``[0, n_blocks)``, padded with -1.
+        n_blocks: number of key blocks.
+
+    Returns:
+        bool ``[..., n_blocks]``, True where a block is listed.
+    """
+    mask = torch.zeros(*indices.shape[:-1], n_blocks + 1, dtype=torch.bool, device=indices.device)
+    mask.scatter_(-1, torch.where(indices < 0, n_blocks, indices), True)
+    return mask[..., :n_blocks]
+
+
+def select_blocks(q: torch.Tensor, k: torch.Tensor, cfg: SparseConfig, **kwargs) -> torch.Tensor:
+    """Boolean form of :func:`select_block_indices`: ``[B, Hkv, Tq, ceil(Tk / block_size)]``.
+
+    O(Tq * n_blocks) memory: for tests and short inputs; long inputs should keep the index form.
+    Keyword arguments are those of :func:`select_block_indices`.
+    """
+    return indices_to_mask(select_block_indices(q, k, cfg, **kwargs), -(-k.shape[2] // cfg.block_size))
+
+
+# --------------------------------------------------------------------------------------- attention
+
+
+def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor | None) -> None:
+    b, hq, tq, d = q.shape
+    if k.shape != v.shape or k.shape[0] != b or k.shape[3] != d or hq % k.shape[1] or tq > k.shape[2]:
+        raise ValueError(
+            f"expected q [B, Hq, Tq, d], k/v [B, Hkv, Tk, d] with Hkv | Hq and Tq <= Tk; got "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if indices is not None and tuple(indices.shape[:3]) != (b, k.shape[1], tq):
+        raise ValueError(f"indices must be [B, Hkv, Tq, K] = [{b}, {k.shape[1]}, {tq}, K], got {tuple(indices.shape)}")
+
+
+def sparse_attention_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cfg: SparseConfig,
+    *,
+    scale: float | None = None,
+    indices: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Reference block-sparse attention: per query chunk, a boolean token mask and SDPA.
+
+    Differentiable in ``q``, ``k``, ``v`` (the selection is not). Cost per chunk: a ``[g * C, Tk']`` mask per
+    KV head, ``Tk'`` the keys the chunk can see -- fine for training lengths and tests; long-context
+    inference uses :func:`sparse_attention_flex` (prefill) or :func:`sparse_attention_gather` (decode).
+
+    Args:
+        q: ``[B, Hq, Tq, d]``; k, v: ``[B, Hkv, Tk, d]``; queries are the last Tq positions.
+        cfg: sparse sizes (used for the selection and the block size).
+        scale: softmax scale (default ``d ** -0.5``), used for scoring and attention alike.
+        indices: a selection from :func:`select_block_indices` to reuse; computed when None.
+        chunk_size: queries per chunk (default: bounded by ``2**26`` mask elements).
+
+    Returns:
+        ``[B, Hq, Tq, d]`` in ``q``'s dtype.
+
+    Raises:
+        ValueError: on shape mismatches.
+    """
+    _check_qkv(q, k, v, indices)
+    b, hq, tq, d = q.shape
+    hkv, tk = k.shape[1], k.shape[2]
+    g = hq // hkv
+    past = tk - tq
+    if indices is None:
+        indices = select_block_indices(q, k, cfg, scale=scale)
+    n_blocks = -(-tk // cfg.block_size)
+    if chunk_size is None:
+        chunk_size = max(1, min(tq, _MASK_BUDGET // (hkv * g * tk)))
+    kpos = torch.arange(tk, device=q.device)
+    out = []
+    for s in range(0, tq, chunk_size):
+        e = min(tq, s + chunk_size)
+        c, tkc = e - s, past + e
+        sel = indices_to_mask(indices[:, :, s:e], n_blocks).repeat_interleave(cfg.block_size, dim=-1)[..., :tkc]
+        qpos = torch.arange(past + s, past + e, device=q.device)
+        token_mask = sel & (kpos[None, :tkc] <= qpos[:, None])  # [B, Hkv, C, Tk']
+        token_mask = token_mask[:, :, None].expand(b, hkv, g, c, tkc).reshape(b, hkv, g * c, tkc)
+        qc = q[:, :, s:e].reshape(b, hkv, g * c, d)
+        o = F.scaled_dot_product_attention(qc, k[:, :, :tkc], v[:, :, :tkc], attn_mask=token_mask, scale=scale)
+        out.append(o.reshape(b, hq, c, d))
+    return torch.cat(out, dim=2)
+
+
+def sparse_attention_gather(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    indices: torch.Tensor,
+    block_size: int,
+    *,
+    scale: float | None = None,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Block-sparse attention that reads only the selected blocks: gather K/V per query, then SDPA.
+
+    For each query the ``K`` listed blocks (``K * block_size`` tokens) are gathered from ``k``/``v``; tokens
+    after the query and -1 entries are masked. This is the decode path (``Tq == 1``): its memory traffic is
+    the selected blocks, not the cache. Differentiable in q, k, v.
+
+    Args:
+        q: ``[B, Hq, Tq, d]``; k, v: ``[B, Hkv, Tk, d]``; queries are the last Tq positions.
+        indices: ``[B, Hkv, Tq, K]`` int64 from :func:`select_block_indices` (each list must hold the
+            query's own block, so no query is left without keys).
+        block_size: tokens per block.
+        scale: softmax scale (default ``d ** -0.5``).
+        chunk_size: queries per gather (default: bounded by ``2**25`` gathered elements).
+
+    Returns:
+        ``[B, Hq, Tq, d]`` in ``q``'s dtype.
+
+    Raises:
+        ValueError: on shape mismatches.
+    """
+    _check_qkv(q, k, v, indices)
+    b, hq, tq, d = q.shape
+    hkv, tk = k.shape[1], k.shape[2]
+    g = hq // hkv
+    n_sel = indices.shape[-1]
+    m = n_sel * block_size
+    if chunk_size is None:
+        chunk_size = max(1, min(tq, _GATHER_BUDGET // max(1, hkv * m * d)))
+    offs = torch.arange(block_size, device=q.device)
+    out = []
+    for s in range(0, tq, chunk_size):
+        e = min(tq, s + chunk_size)
+        c = e - s
+        idx = indices[:, :, s:e]
+        tok = (idx[..., None] * block_size + offs).reshape(b, hkv, c, m)  # [B, Hkv, C, M]
+        qpos = torch.arange(tk - tq + s, tk - tq + e, device=q.device)
+        valid = (idx >= 0).repeat_interleave(block_size, dim=-1) & (tok <= qpos[:, None])
+        flat = tok.clamp(0, tk - 1).reshape(b, hkv, c * m, 1).expand(b, hkv, c * m, d)
+        kg = k.gather(2, flat).reshape(b * hkv, c, m, d)
+        vg = v.gather(2, flat).reshape(b * hkv, c, m, d)
+        qc = q[:, :, s:e].reshape(b, hkv, g, c, d).transpose(2, 3).reshape(b * hkv, c, g, d)
+        mask = valid.reshape(b * hkv, c, 1, m)
+        o = F.scaled_dot_product_attention(qc, kg, vg, attn_mask=mask, scale=scale)  # [B*Hkv, C, g, d]
+        out.append(o.reshape(b, hkv, c, g, d).transpose(2, 3).reshape(b, hq, c, d))
+    return torch.cat(out, dim=2)
+
+
+def sparse_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cfg: SparseConfig,
+    *,
+    scale: float | None = None,
+    compressed_k: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One decode step: select blocks for the new token(s), then attend to the selected blocks only.
+
+    Args:
+        q: ``[B, Hq, Tq, d]`` (usually Tq = 1); k_cache, v_cache: ``[B, Hkv, Tk, d]`` including the new tokens.
+        compressed_k: cached ``compress_keys(k_cache)`` (see :func:`update_compressed_keys`); when None it is
+            recomputed, which reads the whole key cache once (O(Tk) scoring cost, the attention still reads
+            only the selected blocks).
+
+    Returns:
+        ``[B, Hq, Tq, d]``; below ``dense_len`` tokens this is dense attention.
+    """
+    if k_cache.shape[2] < cfg.dense_len:
+        return softmax_attention(
+            q, k_cache, v_cache, attention_mask_4d(None, q.shape[2], k_cache.shape[2], q.device), scale
+        )
+    indices = select_block_indices(q, k_cache, cfg, scale=scale, compressed_k=compressed_k)
+    return sparse_attention_gather(q, k_cache, v_cache, indices, cfg.block_size, scale=scale)
+
+
+# ----------------------------------------------------------------------------------- FlexAttention
+
+
+def _rows_per_token(group: int) -> int:
+    """Rows of one token in the flex layout: the group's query heads, padded to a multiple of 16."""
+    return -(-group // 16) * 16
+
+
+def flex_block_mask(
+    indices: torch.Tensor, q_len: int, kv_len: int, block_size: int, group: int, *, full_width: bool = False
+):
+    """FlexAttention ``BlockMask`` for the token-major layout of :func:`sparse_attention_flex`.
+
+    Rows are ``token * G + head_in_group`` (``G = ceil(group / 16) * 16``), so one Q tile of ``G`` rows is one
+    query token and its KV blocks are exactly that token's selection: the query's own block is a partial
+    block (causal ``mask_mod``), every other selected block is a full block.
+
+    Args:
+        indices: ``[B, Hkv, Tq, K]`` int64, ascending, -1 padded (from :func:`select_block_indices`).
+        q_len, kv_len: Tq and Tk (queries are the last Tq positions).
+        block_size: KV block size (the flex KV tile).
+        group: query heads per KV head.
+        full_width: pad the index lists to ``ceil(Tk / block_size)`` columns and compute the transposed
+            (Q-side) tables that the backward pass needs; O(Tq * n_blocks) memory.
+
+    Returns:
+        ``torch.nn.attention.flex_attention.BlockMask``.
+
+    Source: torch ``BlockMask.from_kv_blocks`` (torch >= 2.5); the layout mirrors InfLLM-V2's stage-2 kernel,
+    which packs the 16 query heads of a group as the rows of one tile.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    rows = _rows_per_token(group)
+    n_blocks = -(-kv_len // block_size)
+    past = kv_len - q_len
+    count = (indices >= 0).sum(-1)  # [B, Hkv, Tq]
+    own = torch.div(torch.arange(past, kv_len, device=indices.device), block_size, rounding_mode="floor")
+    # the own block is the last valid entry of every (ascending) list
+    full_idx = indices.clamp(min=0).to(torch.int32)
+    if full_width and full_idx.shape[-1] < n_blocks:
+        full_idx = F.pad(full_idx, (0, n_blocks - full_idx.shape[-1]))
+    partial_idx = own.to(torch.int32).view(1, 1, q_len, 1).expand(*indices.shape[:2], q_len, 1).contiguous()
+    if full_width:
+        partial_idx = F.pad(partial_idx, (0, n_blocks - 1))
+    offset = torch.tensor(past, device=indices.device)
+
+    def causal_in_own_block(b, h, q_idx, kv_idx):
+        return kv_idx <= offset + q_idx // rows
+
+    kwargs = {}
+    if "compute_q_blocks" in inspect.signature(BlockMask.from_kv_blocks).parameters:
+        kwargs["compute_q_blocks"] = full_width
+    return BlockMask.from_kv_blocks(
+        torch.ones_like(count, dtype=torch.int32),
+        partial_idx,
+        (count - 1).to(torch.int32),
+        full_idx.contiguous(),
+        BLOCK_SIZE=(rows, block_size),
+        mask_mod=causal_in_own_block,
+        seq_lengths=(q_len * rows, kv_len),
+        **kwargs,
+    )
+
+
+_compiled_flex = None
+
+
+def _flex():
+    global _compiled_flex
+    if _compiled_flex is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        # default dynamic=None: the second length recompiles once with symbolic sizes. A per-length
+        # specialisation would hit dynamo's recompile limit and fall back to *eager* flex, which ignores
+        # the BlockMask indices (only mask_mod applies) -- a silently dense result.
+        _compiled_flex = torch.compile(flex_attention)
+    return _compiled_flex
+
+
+def sparse_attention_flex(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    indices: torch.Tensor,
+    block_size: int,
+    *,
+    scale: float | None = None,
+    block_mask=None,
+    kernel_options: dict | None = None,
+) -> torch.Tensor:
+    """Block-sparse attention through compiled FlexAttention with a BlockMask from the selection.
+
+    Query heads of a GQA group become consecutive rows of a single "head" per KV head (padded with zero
+    rows to a multiple of 16), so each 16-row Q tile is one token and K/V are never expanded.
+
+    Args:
+        q: ``[B, Hq, Tq, d]``; k, v: ``[B, Hkv, Tk, d]``; queries are the last Tq positions; d >= 16.
+        indices: ``[B, Hkv, Tq, K]`` from :func:`select_block_indices`.
+        block_size: KV block size (must be a multiple of 16).
+        scale: softmax scale (default ``d ** -0.5``).
+        block_mask: a prebuilt :func:`flex_block_mask` (to time it separately); built when None.
+        kernel_options: FlexAttention kernel options, merged over the defaults ``BLOCK_M = 16``,
+            ``BLOCK_N = min(64, block_size)`` (tiles must divide the sparse blocks) and ``num_warps = 4``.
+
+    Returns:
+        ``[B, Hq, Tq, d]`` in ``q``'s dtype.
+
+    Raises:
+        ValueError: on shape mismatches; errors of torch.compile/FlexAttention propagate (GPU: triton needed;
+        CPU: a C++ compiler; the eager fallback ignores BlockMask indices, so it is never used here).
+    """
+    _check_qkv(q, k, v, indices)
+    b, hq, tq, d = q.shape
+    hkv, tk = k.shape[1], k.shape[2]
+    g = hq // hkv
+    rows = _rows_per_token(g)
+    qr = q.reshape(b, hkv, g, tq, d).transpose(2, 3)  # [B, Hkv, Tq, g, d]
+    if rows > g:
+        qr = F.pad(qr, (0, 0, 0, rows - g))
+    qr = qr.reshape(b, hkv, tq * rows, d)
+    if block_mask is None:
+        # full-width index tables: needed by the backward pass and by inductor's CPU flex kernel
+        full = q.device.type == "cpu" or (torch.is_grad_enabled() and q.requires_grad)
+        block_mask = flex_block_mask(indices, tq, tk, block_size, g, full_width=full)
+    options = {"BLOCK_M": 16, "BLOCK_N": min(64, block_size), "num_warps": 4}
+    if kernel_options:
+        options.update(kernel_options)
+    o = _flex()(qr, k, v, block_mask=block_mask, scale=scale, kernel_options=options)
+    o = o.reshape(b, hkv, tq, rows, d)[:, :, :, :g].transpose(2, 3)
+    return o.reshape(b, hq, tq, d)
+
+
+# -------------------------------------------------------------------------------------- dispatch
+
+_flex_broken: str | None = None
+_logged: set[str] = set()
+
+
+def _log_once(key: str, level: int, message: str, *args) -> None:
+    if key not in _logged:
+        _logged.add(key)
+        logger.log(level, message, *args)
+
+
+def sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cfg: SparseConfig,
+    *,
+    scale: float | None = None,
+    compressed_k: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """InfLLM-V2 attention for ``q`` over ``k``/``v`` (SPEC 1c), dispatching to the right implementation.
+
+    * ``Tk < dense_len``: every query is in the dense regime: dense causal SDPA (:func:`softmax_attention`).
+    * ``Tq <= 16`` (decode, short chunks): :func:`sparse_attention_gather` -- reads only the selected blocks.
+    * CUDA, no gradient needed, reference not forced: :func:`sparse_attention_flex`; if FlexAttention
+      fails once (e.g. no triton) the reference is used from then on, with one warning.
+    * otherwise: :func:`sparse_attention_ref`.
+
+    Args:
+        q: ``[B, Hq, Tq, d]``; k, v: ``[B, Hkv, Tk, d]`` (cache included, no padding: callers unpad rows).
+        cfg: sparse sizes.
+        scale: softmax scale (default ``d ** -0.5``).
+        compressed_k: cached compressed keys for the scoring (decode); recomputed when None.
+
+    Returns:
+        ``[B, Hq, Tq, d]`` in ``q``'s dtype.
+    """
+    global _flex_broken
+    tq, tk = q.shape[2], k.shape[2]
+    if tk < cfg.dense_len:
+        mask = attention_mask_4d(None, tq, tk, q.device)
+        return softmax_attention(q, k, v, mask, scale)
+    indices = select_block_indices(q, k, cfg, scale=scale, compressed_k=compressed_k)
+    if tq <= _GATHER_MAX_QUERIES:
+        return sparse_attention_gather(q, k, v, indices, cfg.block_size, scale=scale)
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if q.device.type == "cuda" and not grad and not reference_forced() and _flex_broken is None:
+        try:
+            out = sparse_attention_flex(q, k, v, indices, cfg.block_size, scale=scale)
+            _log_once("flex", logging.INFO, "hybridize: sparse attention prefill on CUDA: FlexAttention")
+            return out
+        except Exception as exc:  # a broken triton/inductor must not break the model
+            _flex_broken = f"{type(exc).__name__}: {exc}"
+            _log_once(
+                "flex-broken",
+                logging.WARNING,
+                "hybridize: FlexAttention failed (%s); sparse attention uses the reference",
+                _flex_broken,
+            )
+    return sparse_attention_ref(q, k, v, cfg, scale=scale, indices=indices)
