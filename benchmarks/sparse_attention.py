@@ -59,6 +59,8 @@ DEFAULT_SIZES = "32768,131072,262144,524288,1048576"
 
 
 def _git_commit() -> str:
+    if os.environ.get("HYBRIDIZE_GIT_COMMIT"):  # set when the tree was copied without .git (device runs)
+        return os.environ["HYBRIDIZE_GIT_COMMIT"]
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
