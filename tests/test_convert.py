@@ -342,3 +342,15 @@ def test_layer_sweep_equals_full_forward_of_each_replaced_model(tiny_teacher_dir
         assert sweep["C"][i] == pytest.approx(c, rel=1e-4)
         assert sweep["KL"][i] == pytest.approx(kl, rel=1e-3, abs=1e-6)
         assert sweep["KL"][i] > 0
+
+
+def test_collapse_guard_keeps_layers_that_break_the_model():
+    from hybridize.convert.select import collapsed_layers
+
+    general = [0.07, 0.28, 0.12, 0.29]
+    assert collapsed_layers(general, 0.29, 0.5) == [0, 2]
+    assert collapsed_layers(general, 0.29, 0.0) == []
+    recall = [0.05, 0.3, 0.1, 0.2]
+    # pure HALO ranking would convert layer 0 (ratio ~1); the guard keeps it first
+    assert 0 not in select_layers(4, 1, "halo", recall, general)
+    assert select_layers(4, 1, "halo", recall, general, always_attention=collapsed_layers(general, 0.29)[:1]) == [0]

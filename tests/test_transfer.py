@@ -88,7 +88,10 @@ def test_stage0_copies_exactly_what_spec_says(make_teacher, teacher_kind, schedu
             # --- attention layers: q/k/v/o (+ biases, + QK-norm) identical, GQA shapes kept
             for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
                 for suf in bias_suffixes:
-                    assert torch.equal(s[f"{a}{proj}.{suf}"], t[f"{a}{proj}.{suf}"]), f"{a}{proj}.{suf}"
+                    expect = t[f"{a}{proj}.{suf}"]
+                    if gate and (proj, suf) == ("o_proj", "weight"):
+                        expect = 2 * expect  # identity gate init: W_g = 0 (sigmoid 1/2) and W_o doubled
+                    assert torch.equal(s[f"{a}{proj}.{suf}"], expect), f"{a}{proj}.{suf}"
             assert s[a + "k_proj.weight"].shape == (hkv * d, hidden)
             if teacher_kind == "qwen3":
                 assert torch.equal(s[a + "q_norm.weight"], t[a + "q_norm.weight"])
@@ -98,6 +101,7 @@ def test_stage0_copies_exactly_what_spec_says(make_teacher, teacher_kind, schedu
             assert a + "o_norm.weight" not in s
             if gate:
                 assert s[a + "output_gate.weight"].shape == (hq * d, hidden)
+                assert torch.equal(s[a + "output_gate.weight"], torch.zeros(hq * d, hidden))
             else:
                 assert a + "output_gate.weight" not in s
             continue

@@ -36,11 +36,11 @@ class ConvertOptions:
     data: list[str] | None = None
     out: str = "runs/smollm2-hypenet"
     seq_len: int = 256
-    stage1_tokens: int = 160_000
+    stage1_tokens: int = 96_000
     stage1_batch: int = 8
     stage1_lr: float = 1e-3
     stage1_lr_final: float = 1e-5
-    stage2_tokens: int = 96_000
+    stage2_tokens: int = 48_000
     stage2_batch: int = 4
     stage2_lr: float = 2e-4
     stage2_lr_final: float = 1e-5
@@ -56,6 +56,7 @@ class ConvertOptions:
     recall_tasks: list[str] | None = None
     general_tasks: list[str] | None = None
     lm_eval_limit: int | None = None
+    collapse_threshold: float = 0.5
     eval: bool = True
     eval_ppl_lengths: tuple[int, ...] = (512, 2048)
     eval_ppl_sequences: int = 4
@@ -95,7 +96,15 @@ def run_selection(teacher, tokenizer, run_dir: Path, opts: ConvertOptions, heldo
     from ..models import layer_types_from_str
     from .align import MIXERS_FILE, build_lightning_students, load_mixers
     from .distributed import context
-    from .select import build_scoring_data, halo_scores, layer_sweep, layer_sweep_with, plot_scores, select_layers
+    from .select import (
+        build_scoring_data,
+        collapsed_layers,
+        halo_scores,
+        layer_sweep,
+        layer_sweep_with,
+        plot_scores,
+        select_layers,
+    )
     from .transfer import build_student
 
     stage = StageDir(run_dir, "selection")
@@ -130,9 +139,18 @@ def run_selection(teacher, tokenizer, run_dir: Path, opts: ConvertOptions, heldo
         scores = halo_scores(sweep["R"], sweep["C"])
         del exact, mixers
     ranking = sweep and (sweep["KL"] if opts.selection == "kl-guided" else sweep["R"])
-    chosen = select_layers(n, k, opts.selection, ranking, sweep and sweep["C"])
+    keep = collapsed_layers(sweep["C"], sweep["teacher"]["C"], opts.collapse_threshold) if sweep else []
+    if keep:
+        log.info("layers %s collapse the general score when replaced alone: kept as attention", keep)
+    chosen = select_layers(n, k, opts.selection, ranking, sweep and sweep["C"], always_attention=keep)
     layer_types = ["attention" if i in chosen else "lightning" for i in range(n)]
-    extra = {"method": opts.selection, "num_attention": k, "attention_layers": chosen, "layer_types": layer_types}
+    extra = {
+        "method": opts.selection,
+        "num_attention": k,
+        "attention_layers": chosen,
+        "collapse_kept": keep,
+        "layer_types": layer_types,
+    }
     if sweep is not None:
         extra.update({"teacher_scores": sweep["teacher"], "R": sweep["R"], "C": sweep["C"], "KL": sweep["KL"], "score": scores})
         if context().is_main:

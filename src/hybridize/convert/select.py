@@ -102,23 +102,36 @@ def build_scoring_data(
     return ScoringData(ids, mask, general_sequences[:num_general])
 
 
-def _gold_prob(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Per-row mean probability of the gold next token over masked target positions."""
-    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
-    gold = logp.gather(-1, ids[:, 1:, None]).squeeze(-1).exp()
-    m = mask[:, 1:].float()
-    return (gold * m).sum(-1) / m.sum(-1).clamp(min=1)
+def _gold_prob(head, hidden: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-row mean probability of the gold next token over masked target positions.
+
+    ``hidden`` ``[B, T, D]`` are final (normed) hidden states; the LM head runs only on the positions that
+    predict a masked target (``mask[:, 1:]``), so scoring short answers in long prompts stays cheap.
+    """
+    m = mask[:, 1:].bool()
+    rows = m.nonzero()[:, 0]
+    logp = F.log_softmax(head(hidden[:, :-1][m]).float(), dim=-1)
+    gold = logp.gather(-1, ids[:, 1:][m][:, None]).squeeze(-1).exp()
+    sums = gold.new_zeros(ids.shape[0]).index_add_(0, rows, gold)
+    return sums / m.sum(-1).clamp(min=1)
+
+
+def _kl_per_token(head, teacher_hidden: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """``KL(p_teacher || p)`` per position, flattened (nats)."""
+    t_logp = F.log_softmax(head(teacher_hidden).float(), -1)
+    return (t_logp.exp() * (t_logp - F.log_softmax(head(hidden).float(), -1))).sum(-1).reshape(-1)
 
 
 def _run_from_layer(model, hidden: torch.Tensor, start: int) -> torch.Tensor:
-    """Logits of an all-attention :class:`HybridForCausalLM` run from layer ``start`` on its input ``hidden``."""
+    """Final normed hidden states of an all-attention :class:`HybridForCausalLM` run from layer ``start``
+    on its input ``hidden``."""
     b, t, _ = hidden.shape
     positions = torch.arange(t, device=hidden.device).unsqueeze(0).expand(b, t)
     rope = model.model.rotary_emb(positions, hidden.dtype)
     h = hidden
     for layer in model.model.layers[start:]:
         h = layer(h, rope, positions)
-    return model.lm_head(model.model.norm(h))
+    return model.model.norm(h)
 
 
 @torch.no_grad()
@@ -150,7 +163,7 @@ def layer_sweep(exact_teacher, mixers, data: ScoringData, batch_size: int = 4, p
             hs = hidden_states(ids[s : s + batch_size])
             chunks.append(hs[:-1])
             last.append(hs[-1])
-            probs.append(_gold_prob(model.lm_head(hs[-1]), ids[s : s + batch_size].to(device), mask[s : s + batch_size].to(device)))
+            probs.append(_gold_prob(model.lm_head, hs[-1], ids[s : s + batch_size].to(device), mask[s : s + batch_size].to(device)))
         cached[key], finals[key] = chunks, last
         base[key] = float(torch.cat(probs).mean())
     scores = {"R": [], "C": [], "KL": []}
@@ -162,12 +175,10 @@ def layer_sweep(exact_teacher, mixers, data: ScoringData, batch_size: int = 4, p
             for key, (ids, mask) in sets.items():
                 probs, kls = [], []
                 for n, s in enumerate(range(0, ids.shape[0], batch_size)):
-                    logits = _run_from_layer(model, cached[key][n][i], i)
-                    probs.append(_gold_prob(logits, ids[s : s + batch_size].to(device), mask[s : s + batch_size].to(device)))
+                    h = _run_from_layer(model, cached[key][n][i], i)
+                    probs.append(_gold_prob(model.lm_head, h, ids[s : s + batch_size].to(device), mask[s : s + batch_size].to(device)))
                     if key == "C":
-                        t_logp = F.log_softmax(model.lm_head(finals[key][n]).float(), -1)
-                        kl = (t_logp.exp() * (t_logp - F.log_softmax(logits.float(), -1))).sum(-1)
-                        kls.append(kl.reshape(-1))
+                        kls.append(_kl_per_token(model.lm_head, finals[key][n], h))
                 scores[key].append(float(torch.cat(probs).mean()))
                 if kls:
                     scores["KL"].append(float(torch.cat(kls).mean()))
@@ -230,6 +241,21 @@ def select_layers(
         key = [max(recall) - r for r in recall]
     ranked = sorted(candidates, key=lambda i: (-key[i], i))
     return sorted(chosen + ranked[:rest])
+
+
+def collapsed_layers(general: Sequence[float], teacher_general: float, threshold: float = 0.5) -> list[int]:
+    """Layers whose replacement alone breaks the model: ``C(M_i) < threshold * C(teacher)``, worst first.
+
+    HALO's ratio (SPEC 2) divides the recall drop by the general drop, so a layer whose replacement
+    collapses *both* scores gets a ratio near 1 and is converted, although no amount of distillation
+    budget we can afford repairs it (measured on SmolLM2-135M: layer 0 as Lightning drops C from 0.29 to
+    0.07; keeping it as attention cut the stage-2 starting perplexity from 15390 to 1561). The pipeline
+    keeps these layers as attention before ranking the rest; ``threshold = 0`` disables the guard.
+    """
+    if threshold <= 0:
+        return []
+    bad = [i for i, c in enumerate(general) if c < threshold * teacher_general]
+    return sorted(bad, key=lambda i: general[i])
 
 
 def plot_scores(sweep: dict, scores: list[float], chosen: list[int], path) -> None:

@@ -39,14 +39,10 @@ __all__ = [
     "write_report",
 ]
 
-LAYER_TYPE_LETTERS = {
-    "lightning": "L",
-    "attention": "A",
-    "full_attention": "A",
-    "sparse": "S",
-    "gated_deltanet": "D",
-    "sliding_attention": "W",
-}
+from ..models.configuration import LAYER_LETTERS
+
+#: Our mixer letters (models.configuration.LAYER_LETTERS) plus the names transformers uses for teachers.
+LAYER_TYPE_LETTERS = {**LAYER_LETTERS, "full_attention": "A", "gated_deltanet": "D", "sliding_attention": "W"}
 
 
 def layer_types_string(layer_types: Sequence[str] | str) -> str:

@@ -18,7 +18,9 @@ __all__ = ["HybridConfig", "MIXER_TYPES", "layer_types_to_str", "layer_types_fro
 #: Mixer types a layer can have. ``attention``: softmax attention (SPEC 1b); ``lightning``: Lightning
 #: Attention (SPEC 1a); ``sparse``: InfLLM-V2 block-sparse attention (SPEC 1c).
 MIXER_TYPES = ("attention", "lightning", "sparse")
-_SHORT = {"attention": "A", "lightning": "L", "sparse": "S"}
+#: One letter per mixer type for schedule strings (the eval reports use the same letters).
+LAYER_LETTERS = {"attention": "A", "lightning": "L", "sparse": "S"}
+_SHORT = LAYER_LETTERS
 
 
 def layer_types_to_str(layer_types: Sequence[str]) -> str:
