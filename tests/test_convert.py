@@ -77,6 +77,8 @@ def test_pipeline_writes_complete_stages(tiny_teacher_dir, data_file, tmp_path):
     assert model.config.layer_types == summary["selection"]["layer_types"]
     assert model.config.layer_types.count("attention") == 1  # floor(4 / 4)
     assert not (tmp_path / "run" / "stage1" / "checkpoint").exists()
+    assert (tmp_path / "run" / "stage1" / "loss.png").stat().st_size > 1000
+    assert (tmp_path / "run" / "stage2" / "loss.png").stat().st_size > 1000
 
 
 def test_cli_generate_streams_from_run_dir(tiny_teacher_dir, data_file, tmp_path, capsys):

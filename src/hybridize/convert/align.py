@@ -172,6 +172,7 @@ def run_stage1(teacher, train_data: torch.Tensor, run_dir, settings: TrainSettin
         tokens_seen=result.tokens_seen,
         final_loss=result.final_loss,
         extra={
+            "loss": "MSE (mean over layers)",
             "loss_curve": result.losses,
             "per_layer_mse": last_layer_losses,
             "tokens_per_s": result.tokens_per_s,

@@ -33,6 +33,7 @@ __all__ = [
     "cosine_lr",
     "make_optimizer",
     "setup_logging",
+    "plot_loss_curve",
 ]
 
 log = logging.getLogger("hybridize")
@@ -79,6 +80,29 @@ def setup_logging(log_file: Path | None = None, level: int = logging.INFO) -> No
             fh = logging.FileHandler(log_file)
             fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
             log.addHandler(fh)
+
+
+def plot_loss_curve(losses: list[float], path: Path, title: str) -> None:
+    """Save the per-step training loss (and a 10-step running mean) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(range(1, len(losses) + 1), losses, lw=1, alpha=0.5, label="loss per step")
+    w = min(10, len(losses))
+    mean = [sum(losses[max(0, i - w + 1) : i + 1]) / len(losses[max(0, i - w + 1) : i + 1]) for i in range(len(losses))]
+    ax.plot(range(1, len(losses) + 1), mean, lw=2, label=f"running mean ({w})")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
 
 
 def cosine_lr(step: int, total: int, peak: float, final: float, warmup: int) -> float:
@@ -158,6 +182,8 @@ class StageDir:
         }
         barrier()
         if context().is_main:
+            if manifest.get("loss_curve"):
+                plot_loss_curve(manifest["loss_curve"], self.path / "loss.png", f"{self.name}: {manifest.get('loss', 'loss')}")
             atomic_write_text(self.manifest_path, json.dumps(manifest, indent=2))
             if self.checkpoint_path.exists():
                 shutil.rmtree(self.checkpoint_path)
