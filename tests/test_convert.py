@@ -356,3 +356,35 @@ def test_collapse_guard_keeps_layers_that_break_the_model():
     # pure HALO ranking would convert layer 0 (ratio ~1); the guard keeps it first
     assert 0 not in select_layers(4, 1, "halo", recall, general)
     assert select_layers(4, 1, "halo", recall, general, always_attention=collapsed_layers(general, 0.29)[:1]) == [0]
+
+
+def test_stage3_long_context_finetune_runs_and_resumes_model(tiny_teacher_dir, data_file, tmp_path):
+    summary = run_convert(_opts(tiny_teacher_dir, data_file, tmp_path / "run", stage3=True, stage3_seq_len=96,
+                                stage3_tokens=96 * 3, stage3_batch=1))
+    m = summary["stage3"]
+    assert m["loss"] == "lm" and m["tokens_seen"] == 96 * 3 and len(m["loss_curve"]) == 3
+    assert m["inputs"]["init"].endswith("stage2/model")
+    from hybridize.convert.pipeline import final_model_dir
+
+    assert final_model_dir(tmp_path / "run") == tmp_path / "run" / "stage3" / "model"
+    model = HybridForCausalLM.from_pretrained(final_model_dir(tmp_path / "run"))
+    assert model.config.layer_types == summary["selection"]["layer_types"]
+
+
+def test_stage1_trains_only_the_student_mixers(tiny_teacher_dir, data_file, tmp_path):
+    from safetensors.torch import load_file
+
+    from hybridize.convert.align import MIXERS_FILE, run_stage1
+    from hybridize.convert.trainer import TrainSettings
+
+    teacher = LlamaForCausalLM.from_pretrained(tiny_teacher_dir)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    data = torch.randint(0, teacher.config.vocab_size, (16, 32))
+    run_stage1(teacher, data, tmp_path, TrainSettings(32 * 4 * 3, 32, 4, 1e-3, 1e-4, warmup=1), {"teacher": "tiny"})
+    after = teacher.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the teacher is frozen
+    init = load_file(str(tmp_path / "stage0" / MIXERS_FILE))
+    trained = load_file(str(tmp_path / "stage1" / MIXERS_FILE))
+    assert init.keys() == trained.keys() and all(k.startswith("layers.") for k in trained)
+    assert all(".self_attn." not in k for k in trained)  # mixer parameters only, no MLP/norm/embedding
+    assert any(not torch.equal(init[k], trained[k]) for k in trained)

@@ -152,6 +152,5 @@ def run_stage3(tokenizer, train_data, run_dir, settings: TrainSettings, inputs: 
     stage.begin()
     src = Path(run_dir) / "stage2" / MODEL_DIR
     student = HybridForCausalLM.from_pretrained(src)
-    student.gradient_checkpointing_enable()
-    student.model.gradient_checkpointing = True
+    student.model.gradient_checkpointing = True  # activation checkpointing per decoder layer (HybridModel)
     return _distill(stage, None, student, tokenizer, train_data, settings, {**inputs, "init": str(src)}, seed, "lm", {})
