@@ -1,4 +1,4 @@
-"""The ``hybridize`` command: ``convert``, ``generate``, ``eval``, ``tune-hype``.
+"""The ``hybridize`` command: ``convert``, ``generate``, ``eval``, ``tune-hype``, ``bench``.
 
 Each subcommand is a plain function; errors the user can fix print one line (``error: ...``) and exit 2;
 an interrupted ``convert`` exits 130 and resumes from its last checkpoint when run again.
@@ -194,6 +194,36 @@ def _tune_hype(args) -> int:
     return 0
 
 
+def _bench(args) -> int:
+    from .bench import BenchOptions, command_line, run_bench
+
+    opts = BenchOptions(
+        presets=args.presets,
+        lengths=args.lengths,
+        decode_tokens=args.decode_tokens,
+        out=args.out,
+        device=args.device,
+        dtype=args.dtype,
+        chunk_size=args.chunk_size,
+        time_budget=args.time_budget if args.time_budget > 0 else None,
+        total_budget=args.total_budget,
+        decode_attention=args.decode_attention,
+        graph=not args.no_graph,
+        compile=args.compile,
+        seed=args.seed,
+        merge=not args.fresh,
+        commit=args.commit or os.environ.get("HYBRIDIZE_GIT_COMMIT"),
+        command=command_line(getattr(args, "argv", None)),
+        warmup=not args.no_warmup,
+        profile=args.profile,
+    )
+    summary = run_bench(opts)
+    print()
+    print(summary["markdown"])
+    print("wrote " + ", ".join(summary["files"]))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .convert.pipeline import ConvertOptions
     from .convert.select import SELECTION_METHODS
@@ -270,6 +300,34 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     h.add_argument("--no-progress", action="store_true", help="no progress bars")
     h.set_defaults(func=_tune_hype)
+
+    from .bench import DEFAULT_LENGTHS, DEFAULT_OUT, preset_names
+
+    b = sub.add_parser("bench", help="long-context speed and memory: TTFT, decode ms/token, peak memory, roofline (random weights)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    b.add_argument("--presets", nargs="+", required=True, choices=preset_names(), metavar="PRESET",
+                   help=f"models to build with random weights: {', '.join(preset_names())}")
+    b.add_argument("--lengths", type=int, nargs="+", default=list(DEFAULT_LENGTHS), help="context lengths (tokens)")
+    b.add_argument("--decode-tokens", type=int, default=64, help="timed decode steps per measurement")
+    b.add_argument("--out", default=DEFAULT_OUT, help="directory for results.json, results.md and the plots (merged with earlier runs there)")
+    b.add_argument("--device", default=None, choices=["cuda", "cpu"], help="default: cuda if available")
+    b.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"], help="default: bfloat16 on CUDA, float32 on CPU")
+    b.add_argument("--chunk-size", type=int, default=16384, help="prefill chunk (tokens) of the hybridize presets")
+    b.add_argument("--time-budget", type=float, default=300.0,
+                   help="skip a measurement predicted (from shorter lengths) to take longer than this many seconds; 0 = no limit")
+    b.add_argument("--total-budget", type=float, default=None, help="skip measurements predicted to end after this many seconds of the run")
+    b.add_argument("--decode-attention", default="auto", choices=["auto", "flex", "split"],
+                   help="decode attention over the static cache (auto: flex on CUDA, split if flex fails)")
+    b.add_argument("--no-graph", action="store_true", help="decode eagerly instead of replaying a CUDA graph")
+    b.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step before capturing it (fuses small kernels; falls back if it fails)")
+    b.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up run of each preset")
+    b.add_argument("--profile", action="store_true",
+                   help="profile 3 extra decode steps per measurement: kernels per step and the top kernels, in the JSON")
+    b.add_argument("--fresh", action="store_true", help="start a new results.json instead of merging with the one in --out")
+    b.add_argument("--commit", default=None, help="git commit to record when the tree has no .git (or set HYBRIDIZE_GIT_COMMIT)")
+    b.add_argument("--seed", type=int, default=0)
+    b.set_defaults(func=_bench)
     return p
 
 
@@ -278,6 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     from .errors import HybridizeError
 
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return args.func(args)
     except KeyboardInterrupt:

@@ -18,7 +18,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..ops.attention import attention_mask_4d, hype_scale, softmax_attention
+from ..ops import backend
+from ..ops.attention import attention_mask_4d, decode_attention, hype_scale, softmax_attention
 from ..ops.lightning import check_log_decay, lightning_attention, lightning_log_decay
 from .common import RMSNorm, apply_rope
 
@@ -152,9 +153,22 @@ class HyPEAttention(nn.Module):
         if self.hype_base is not None:
             q = q * hype_scale(positions, self.hype_base).to(q.dtype)[:, :, None, None]
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        position = None
         if cache is not None:
             k, v = cache.update_kv(k, v, self.layer_idx)
-        o = self.attend(q, k, v, attention_mask, cu_seqlens=cu_seqlens).transpose(1, 2).reshape(b, t, -1)
+            position = cache.decode_position()
+        if position is not None:
+            # static cache in graph mode: k/v are whole fixed-size buffers, keys 0..position are valid
+            if attention_mask is not None:
+                raise ValueError("a static cache in graph mode takes no padding mask (rows must be unpadded)")
+            o = self.attend_decode(q, k, v, position, cache)
+        else:
+            extra = {}
+            compressed = cache.compressed_keys(self.layer_idx) if cache is not None else None
+            if compressed is not None:
+                extra["compressed_k"] = compressed
+            o = self.attend(q, k, v, attention_mask, cu_seqlens=cu_seqlens, **extra)
+        o = o.transpose(1, 2).reshape(b, t, -1)
         if self.output_gate is not None:
             o = o * torch.sigmoid(self.output_gate(x))
         return self.o_proj(o)
@@ -167,6 +181,17 @@ class HyPEAttention(nn.Module):
         """
         mask = attention_mask_4d(attention_mask, q.shape[2], k.shape[2], q.device)
         return softmax_attention(q, k, v, mask, cu_seqlens=cu_seqlens)
+
+    def attend_decode(self, q, k_buf, v_buf, position, cache):
+        """Decode core over a static cache: ``q`` ``[B, Hq, 1, d]``, buffers ``[B, Hkv, L, d]`` of which keys
+        ``0 .. position`` (0-d int64 device tensor) are valid -> ``[B, Hq, 1, d]``. No host syncs (capturable).
+
+        Uses :func:`~hybridize.ops.attention.decode_attention` with the cache's ``decode_attention`` choice
+        (``"split"`` or ``"flex"``); the reference path (:func:`~hybridize.ops.backend.force_reference`) always
+        takes ``"split"``.
+        """
+        impl = "split" if backend.reference_forced() else getattr(cache, "decode_attention", "split")
+        return decode_attention(q, k_buf, v_buf, position, impl=impl)
 
 
 from .sparse import SparseAttention  # noqa: E402  (subclasses HyPEAttention, defined above)

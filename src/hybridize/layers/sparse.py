@@ -12,7 +12,7 @@ import itertools
 
 import torch
 
-from ..ops.sparse_attention import SparseConfig, sparse_attention
+from ..ops.sparse_attention import SparseConfig, sparse_attention, sparse_decode_static
 from .mixers import HyPEAttention
 
 __all__ = ["SparseAttention"]
@@ -36,8 +36,12 @@ class SparseAttention(HyPEAttention):
         super().__init__(config, layer_idx)
         self.sparse = SparseConfig.from_dict(getattr(config, "sparse_config", None))
 
-    def attend(self, q, k, v, attention_mask=None, *, cu_seqlens=None):
-        """``q`` ``[B, Hq, T, d]``, ``k``/``v`` ``[B, Hkv, past + T, d]`` -> ``[B, Hq, T, d]`` (SPEC 1c)."""
+    def attend(self, q, k, v, attention_mask=None, *, cu_seqlens=None, compressed_k=None):
+        """``q`` ``[B, Hq, T, d]``, ``k``/``v`` ``[B, Hkv, past + T, d]`` -> ``[B, Hq, T, d]`` (SPEC 1c).
+
+        ``compressed_k``: the cache's compressed keys of ``k`` (a static cache keeps them; recomputed when
+        None); unused for padded batches, whose rows are scored on their real tokens only.
+        """
         if cu_seqlens is not None:
             bounds = [int(x) for x in cu_seqlens.tolist()]
             pieces = [
@@ -47,7 +51,7 @@ class SparseAttention(HyPEAttention):
             ]
             return torch.cat(pieces, dim=2)
         if attention_mask is None or bool(attention_mask.all()):
-            return sparse_attention(q, k, v, self.sparse)
+            return sparse_attention(q, k, v, self.sparse, compressed_k=compressed_k)
         t = q.shape[2]
         rows = []
         for i in range(q.shape[0]):
@@ -59,3 +63,11 @@ class SparseAttention(HyPEAttention):
                 row = row.index_copy(1, real_q.nonzero().squeeze(1), o[0])
             rows.append(row)
         return torch.stack(rows)
+
+    def attend_decode(self, q, k_buf, v_buf, position, cache):
+        """Decode over a static cache (see :meth:`HyPEAttention.attend_decode`): selection from the cache's
+        compressed keys, then attention over the gathered selected blocks only
+        (:func:`~hybridize.ops.sparse_attention.sparse_decode_static`; capturable)."""
+        return sparse_decode_static(
+            q, k_buf, v_buf, cache.compressed_keys(self.layer_idx), position, self.sparse
+        )

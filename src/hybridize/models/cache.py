@@ -75,6 +75,19 @@ class HybridCache:
         """Store the recurrent state of lightning layer ``layer_idx``."""
         self.recurrent_states[layer_idx] = state
 
+    def decode_position(self) -> torch.Tensor | None:
+        """None: :meth:`update_kv` returns exactly the keys so far (this cache).
+
+        A static cache (:class:`~hybridize.models.static_cache.StaticHybridCache`) in graph mode returns
+        the 0-d int64 device position of the current token instead, and :meth:`update_kv` then returns its
+        whole fixed-size buffers, of which only ``0 .. position`` are valid.
+        """
+        return None
+
+    def compressed_keys(self, layer_idx: int) -> torch.Tensor | None:
+        """Cached InfLLM-V2 compressed keys of a ``sparse`` layer, or None (this cache: recomputed per call)."""
+        return None
+
     def nbytes(self) -> int:
         """Bytes held by every tensor of the cache."""
         total = 0

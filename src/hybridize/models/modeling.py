@@ -197,7 +197,13 @@ class HybridModel(HybridPreTrainedModel):
             raise ValueError(f"cache has {len(cache)} layers, model has {self.config.num_hidden_layers}")
 
         b, t, _ = inputs_embeds.shape
-        past = cache.get_seq_length() if cache is not None else 0
+        # A static cache in graph mode (CUDA-graph decode) keeps its position on the device: the caller passes
+        # position_ids and advances the counters, so this forward neither reads nor writes a host-side count
+        # (which a captured or compiled step would bake in as a constant).
+        graph_step = cache is not None and cache.decode_position() is not None
+        if graph_step and position_ids is None:
+            raise ValueError("a static cache in graph mode needs position_ids (its device position)")
+        past = cache.get_seq_length() if cache is not None and not graph_step else 0
         if attention_mask is not None:
             attention_mask = self._check_padding(attention_mask, cache is not None)
         if cu_seqlens is not None and attention_mask is not None:
@@ -226,7 +232,7 @@ class HybridModel(HybridPreTrainedModel):
             h = h / self.config.logits_divisor
         if output_hidden_states:
             hidden_states.append(h)
-        if cache is not None:
+        if cache is not None and not graph_step:
             cache.seen_tokens += t
         return BaseModelOutputWithPast(
             last_hidden_state=h,

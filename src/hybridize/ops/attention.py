@@ -13,6 +13,8 @@ causal SDPA call per sequence, the reference applies the block-diagonal mask.
 
 from __future__ import annotations
 
+import inspect
+import logging
 import math
 
 import torch
@@ -21,10 +23,25 @@ import torch.nn.functional as F
 from . import backend
 from .lightning import check_cu_seqlens
 
-__all__ = ["hype_scale", "attention_mask_4d", "varlen_causal_mask", "softmax_attention", "eager_attention"]
+__all__ = [
+    "hype_scale",
+    "attention_mask_4d",
+    "varlen_causal_mask",
+    "softmax_attention",
+    "eager_attention",
+    "decode_attention",
+    "DECODE_ATTENTION_IMPLS",
+]
 
 # SDPA grew `enable_gqa` in torch 2.5; before that KV heads are repeated.
 _SDPA_GQA = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
+try:  # torch >= 2.3: lower-right causal bias that SDPA dispatches to flash without a materialised mask
+    from torch.nn.attention.bias import causal_lower_right as _LOWER_RIGHT
+except ImportError:  # pragma: no cover - older torch
+    _LOWER_RIGHT = None
+_lower_right_error: str | None = None  # set when the lower-right causal SDPA path failed once
+
+logger = logging.getLogger("hybridize")
 
 
 def hype_scale(positions: torch.Tensor, base: float) -> torch.Tensor:
@@ -124,7 +141,25 @@ def eager_attention(
 def _sdpa(q, k, v, mask, scale):
     tq, tk = q.shape[2], k.shape[2]
     if mask is None and tq not in (1, tk):
-        mask = _causal_mask(tq, tk, q.device)  # chunked prefill over a cache: lower-right causal
+        # Chunked prefill over a cache: causal aligned to the last key (lower-right). SDPA's is_causal is
+        # top-left for tq < tk, so use torch's CausalBias: on CUDA it runs the flash kernel with its native
+        # lower-right causal mode and native GQA, so nothing of size [tq, tk] is built and K/V are never
+        # repeated; elsewhere it materialises the [tq, tk] boolean mask (bounded by chunk * context).
+        global _lower_right_error
+        if _LOWER_RIGHT is not None and _SDPA_GQA and _lower_right_error is None:
+            try:
+                return F.scaled_dot_product_attention(
+                    q, k, v, attn_mask=_LOWER_RIGHT(tq, tk), scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+                )
+            except RuntimeError as exc:  # a kernel this torch build lacks: fall back to an explicit mask, once
+                if "out of memory" in str(exc).lower():
+                    raise
+                _lower_right_error = f"{type(exc).__name__}: {exc}"
+                logger.warning(
+                    "attention: lower-right causal SDPA failed (%s); chunks over a cache use an explicit "
+                    "[chunk, T] mask from now on", _lower_right_error[:300]
+                )
+        mask = _causal_mask(tq, tk, q.device)
     if mask is None:
         kwargs = {"is_causal": tq > 1}
         if q.shape[1] != k.shape[1]:
@@ -179,3 +214,186 @@ def softmax_attention(
     if backend.attention_backend(q.device) == "reference":
         return eager_attention(q, k, v, mask, scale)
     return _sdpa(q, k, v, mask, scale)
+
+
+# ------------------------------------------------------------------------ decode over a static cache
+
+#: Implementations of :func:`decode_attention`: ``split`` (pure PyTorch split-KV, runs anywhere) and ``flex``
+#: (FlexAttention's decoding kernel, compiled on CUDA; eager elsewhere, where only its mask applies).
+DECODE_ATTENTION_IMPLS = ("split", "flex")
+
+#: Key/value tile of the ``flex`` decode BlockMask; static caches round their capacity up to a multiple of it.
+DECODE_KV_BLOCK = 128
+
+_bmm_out_dtype: bool | None = None  # whether torch.bmm(..., out_dtype=float32) works for bf16/fp16 on CUDA
+_compiled_flex_decode = None
+
+
+def _bmm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``bmm(a, b)`` with fp32 output, without an fp32 copy of ``b`` on CUDA (``aten::bmm.dtype``, torch >= 2.8).
+
+    CPU (or a torch without it): fp32 inputs as they are, lower precision inputs upcast first.
+    """
+    global _bmm_out_dtype
+    if a.dtype == torch.float32:
+        return torch.bmm(a, b.float())
+    if a.is_cuda and _bmm_out_dtype is not False:
+        try:
+            out = torch.bmm(a, b, out_dtype=torch.float32)
+            _bmm_out_dtype = True
+            return out
+        except (TypeError, RuntimeError):
+            _bmm_out_dtype = False
+    return torch.bmm(a.float(), b.float())
+
+
+def _num_splits(length: int, rows: int) -> int:
+    """Power-of-two number of key splits: at least 256 keys each, at most 128 splits, dividing ``length``,
+    aiming at ~512 (rows x splits) work items so that every SM of a large GPU gets some."""
+    splits = 1
+    while (
+        splits * 2 <= 128
+        and length % (splits * 2) == 0
+        and length // (splits * 2) >= 256
+        and rows * splits < 512
+    ):
+        splits *= 2
+    return splits
+
+
+def _split_decode(q, k_buf, v_buf, position, scale):
+    """Split-KV decode attention in plain PyTorch (see :func:`decode_attention`)."""
+    b, hq, _, d = q.shape
+    hkv, length = k_buf.shape[1], k_buf.shape[2]
+    g = hq // hkv
+    bh = b * hkv
+    splits = _num_splits(length, bh)
+    chunk = length // splits
+    # the g query heads of a KV group are the rows of one small matmul per (KV head, split): K/V never repeat
+    qg = q.reshape(bh, 1, g, d).expand(bh, splits, g, d).reshape(bh * splits, g, d)
+    scores = _bmm_f32(qg, k_buf.reshape(bh * splits, chunk, d).transpose(1, 2)).view(bh, splits, g, chunk)
+    invalid = (torch.arange(length, device=q.device) > position).view(1, splits, 1, chunk)
+    scores.masked_fill_(invalid, float("-inf"))
+    top = scores.amax(dim=(1, 3), keepdim=True)  # key 0 is always valid: finite
+    p = scores.sub_(top).mul_(scale).exp_()  # max over scaled scores = scale * max (scale > 0)
+    denom = p.sum(dim=(1, 3))  # [bh, g]
+    pv = _bmm_f32(p.to(v_buf.dtype).view(bh * splits, g, chunk), v_buf.reshape(bh * splits, chunk, d))
+    out = pv.view(bh, splits, g, d).sum(1) / denom[..., None]
+    return out.to(q.dtype).reshape(b, hq, 1, d)
+
+
+_flex_api: dict = {}  # BlockMask, flex_attention and from_kv_blocks keyword arguments, imported on first use
+
+
+def _load_flex() -> dict:
+    """Import FlexAttention once (outside any compiled region: no imports or ``inspect`` under torch.compile)."""
+    if not _flex_api:
+        from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+        params = inspect.signature(BlockMask.from_kv_blocks).parameters
+        _flex_api.update(
+            BlockMask=BlockMask,
+            flex_attention=flex_attention,
+            kwargs={"compute_q_blocks": False} if "compute_q_blocks" in params else {},
+        )
+    return _flex_api
+
+
+def _flex_decode(q, k_buf, v_buf, position, scale):
+    """FlexAttention over the valid prefix of a static cache (see :func:`decode_attention`).
+
+    The BlockMask is built here from the device ``position`` (blocks before the query's block are full,
+    its own block is partial with ``kv_idx <= position``), so under ``torch.compile`` the whole function is
+    one graph whose only inputs are tensors: no recompilation as the position advances, nothing on the host.
+    Call :func:`_load_flex` first.
+    """
+    api = _flex_api
+    b = q.shape[0]
+    length = k_buf.shape[2]
+    n_blocks = length // DECODE_KV_BLOCK
+    own = torch.div(position, DECODE_KV_BLOCK, rounding_mode="floor").to(torch.int32)
+    kv_num = torch.ones(b, 1, 1, dtype=torch.int32, device=q.device)
+    # partial-block list padded to the full width (only its first entry is used): inductor's CPU lowering
+    # requires index tables that cover the whole KV length
+    kv_idx = F.pad(own.view(1, 1, 1, 1).expand(b, 1, 1, 1), (0, n_blocks - 1))
+    full_num = own.view(1, 1, 1).expand(b, 1, 1).contiguous()
+    full_idx = torch.arange(n_blocks, dtype=torch.int32, device=q.device).view(1, 1, 1, n_blocks).expand(b, 1, 1, n_blocks)
+
+    def mask_mod(batch, head, q_idx, kv_idx_):
+        return kv_idx_ <= position
+
+    block_mask = api["BlockMask"].from_kv_blocks(
+        kv_num,
+        kv_idx,
+        full_num,
+        full_idx.contiguous(),
+        BLOCK_SIZE=(DECODE_KV_BLOCK, DECODE_KV_BLOCK),
+        mask_mod=mask_mod,
+        seq_lengths=(1, length),
+        **api["kwargs"],
+    )
+    return api["flex_attention"](
+        q, k_buf, v_buf, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k_buf.shape[1]
+    )
+
+
+def _flex_decode_compiled():
+    global _compiled_flex_decode
+    if _compiled_flex_decode is None:
+        # default dynamic=None: a second cache length recompiles once with a symbolic length
+        _compiled_flex_decode = torch.compile(_flex_decode, fullgraph=True)
+    return _compiled_flex_decode
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_buf: torch.Tensor,
+    v_buf: torch.Tensor,
+    position: torch.Tensor,
+    *,
+    scale: float | None = None,
+    impl: str = "split",
+) -> torch.Tensor:
+    """One decode step of causal GQA attention over a preallocated (static) KV buffer.
+
+    The valid keys are ``0 .. position`` (the new token's own key, already written at ``position``, is the
+    last); everything after is ignored whatever it holds (stale or zero). No host synchronisation and no
+    shape depends on ``position``, so the call can be captured in a CUDA graph and replayed as the position
+    (a device tensor) advances.
+
+    Args:
+        q: ``[B, Hq, 1, d]`` query of the new token (any float dtype).
+        k_buf, v_buf: ``[B, Hkv, L, d]`` contiguous buffers, Hkv dividing Hq (GQA: query head i reads KV head
+            i // (Hq/Hkv)); ``L`` a multiple of 128 for ``impl="flex"``.
+        position: 0-d int64 tensor on the device of ``q``, ``0 <= position < L``.
+        scale: softmax scale; default ``d ** -0.5``.
+        impl: ``"split"``: plain PyTorch split-KV attention (``L`` cut into up to 128 power-of-two slices so a
+            large GPU has work for every SM; fp32 scores -- through ``bmm(out_dtype=float32)`` on CUDA, so K/V
+            are read once in their own dtype -- one global max, bf16/fp16 probabilities for the value product
+            as flash attention does). ``"flex"``: FlexAttention with a BlockMask derived from ``position``
+            (compiled with ``torch.compile`` on CUDA: its decoding kernel reads only the blocks up to the
+            position; eager elsewhere, where the BlockMask's block lists are ignored and only its mask applies,
+            which is exact but materialises ``[B, Hq, 1, L]`` scores).
+
+    Returns:
+        ``[B, Hq, 1, d]`` in ``q``'s dtype.
+
+    Raises:
+        ValueError: on shapes that do not fit, an unknown ``impl``, or ``L`` not a multiple of 128 for flex.
+    """
+    b, hq, tq, d = q.shape
+    if tq != 1 or k_buf.shape != v_buf.shape or k_buf.shape[0] != b or k_buf.shape[3] != d or hq % k_buf.shape[1]:
+        raise ValueError(
+            f"decode_attention expects q [B, Hq, 1, d] and k/v buffers [B, Hkv, L, d] with Hkv | Hq; got "
+            f"{tuple(q.shape)}, {tuple(k_buf.shape)}, {tuple(v_buf.shape)}"
+        )
+    scale = d**-0.5 if scale is None else scale
+    if impl == "split":
+        return _split_decode(q, k_buf, v_buf, position, scale)
+    if impl == "flex":
+        if k_buf.shape[2] % DECODE_KV_BLOCK:
+            raise ValueError(f"flex decode needs a buffer length that is a multiple of {DECODE_KV_BLOCK}, got {k_buf.shape[2]}")
+        _load_flex()
+        fn = _flex_decode_compiled() if q.is_cuda else _flex_decode
+        return fn(q, k_buf, v_buf, position, scale)
+    raise ValueError(f"unknown decode attention implementation {impl!r}; choose one of {DECODE_ATTENTION_IMPLS}")

@@ -87,6 +87,9 @@ __all__ = [
     "flex_block_mask",
     "sparse_attention_flex",
     "sparse_decode",
+    "compress_last_window",
+    "select_block_indices_static",
+    "sparse_decode_static",
     "sparse_attention",
 ]
 
@@ -306,7 +309,10 @@ def _window_block_scores(
     """
     b, hq, tq, d = q.shape
     hkv, nc = compressed_k.shape[1], compressed_k.shape[2]
-    logits = torch.matmul(q.reshape(b, hkv, hq // hkv, tq, d), compressed_k[:, :, None].transpose(-1, -2))
+    # the g query heads of a group and the Tq queries share one matmul per KV head: [g*Tq, d] x [d, Nc]
+    # (a broadcast [g, 1] batch would make torch.matmul copy the compressed keys g times)
+    g = hq // hkv
+    logits = torch.matmul(q.reshape(b, hkv, g * tq, d), compressed_k.transpose(-1, -2)).view(b, hkv, g, tq, nc)
     mask = torch.arange(nc, device=q.device)[None, :] < visible[:, None]  # [Tq, Nc]
     probs = torch.softmax(logits.float().mul(scale).masked_fill(~mask, float("-inf")), dim=-1)
     probs = probs.masked_fill(~mask, 0.0)  # also clears the NaN rows of queries with no visible window
@@ -522,6 +528,7 @@ def sparse_attention_gather(
     *,
     scale: float | None = None,
     chunk_size: int | None = None,
+    query_positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Block-sparse attention that reads only the selected blocks: gather K/V per query, then SDPA.
 
@@ -536,6 +543,9 @@ def sparse_attention_gather(
         block_size: tokens per block.
         scale: softmax scale (default ``d ** -0.5``).
         chunk_size: queries per gather (default: bounded by ``2**25`` gathered elements).
+        query_positions: ``[Tq]`` int64 positions of the queries (a device tensor), for a static cache whose
+            ``k``/``v`` are longer than the keys written so far; default: the last Tq positions of ``k``.
+            Keys after a query's position are masked either way.
 
     Returns:
         ``[B, Hq, Tq, d]`` in ``q``'s dtype.
@@ -558,7 +568,10 @@ def sparse_attention_gather(
         c = e - s
         idx = indices[:, :, s:e]
         tok = (idx[..., None] * block_size + offs).reshape(b, hkv, c, m)  # [B, Hkv, C, M]
-        qpos = torch.arange(tk - tq + s, tk - tq + e, device=q.device)
+        if query_positions is None:
+            qpos = torch.arange(tk - tq + s, tk - tq + e, device=q.device)
+        else:
+            qpos = query_positions[s:e]
         valid = (idx >= 0).repeat_interleave(block_size, dim=-1) & (tok <= qpos[:, None])
         flat = tok.clamp(0, tk - 1).reshape(b, hkv, c * m, 1).expand(b, hkv, c * m, d)
         kg = k.gather(2, flat).reshape(b * hkv, c, m, d)
@@ -596,6 +609,134 @@ def sparse_decode(
         )
     indices = select_block_indices(q, k_cache, cfg, scale=scale, compressed_k=compressed_k)
     return sparse_attention_gather(q, k_cache, v_cache, indices, cfg.block_size, scale=scale)
+
+
+# ------------------------------------------------------------------------- decode over a static cache
+
+
+def compress_last_window(
+    k_buf: torch.Tensor, position: torch.Tensor, cfg: SparseConfig
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The compressed key of the window that ends at ``position`` (decode over a static cache).
+
+    Window ``j`` covers tokens ``[j*stride, j*stride + kernel_size)`` (see :func:`compress_keys`); the token at
+    ``position`` completes window ``j = (position + 1 - kernel_size) / stride`` when that is a whole number
+    >= 0. Computed as :func:`compress_keys` does (fp32 sums of ``stride``-long segments, added in order,
+    divided by ``kernel_size``, cast back) so a decode loop reproduces a full recomputation. No host
+    synchronisation: the caller writes ``key`` at ``torch.where(complete, j, spare_row)``.
+
+    Args:
+        k_buf: ``[B, Hkv, L, d]`` key buffer with the keys ``0 .. position`` written.
+        position: 0-d int64 device tensor, the position of the newest key.
+        cfg: sparse sizes (``kernel_size``, ``kernel_stride``).
+
+    Returns:
+        ``(key, complete, j)``: ``key`` ``[B, Hkv, 1, d]`` in ``k_buf``'s dtype (meaningless unless
+        ``complete``), ``complete`` a 0-d bool tensor, ``j`` a 0-d int64 tensor (the window index, clamped >= 0).
+    """
+    ks, st = cfg.kernel_size, cfg.kernel_stride
+    b, h, _, d = k_buf.shape
+    start = position + 1 - ks
+    idx = start.clamp(min=0) + torch.arange(ks, device=k_buf.device)
+    seg = k_buf.index_select(2, idx).reshape(b, h, ks // st, st, d).float().sum(3)  # [B, Hkv, r, d]
+    out = seg[:, :, 0].clone()
+    for i in range(1, ks // st):
+        out += seg[:, :, i]
+    key = (out / ks).to(k_buf.dtype).unsqueeze(2)
+    complete = (start >= 0) & (torch.remainder(start, st) == 0)
+    j = torch.div(start.clamp(min=0), st, rounding_mode="floor")
+    return key, complete, j
+
+
+def select_block_indices_static(
+    q: torch.Tensor,
+    compressed_k: torch.Tensor,
+    position: torch.Tensor,
+    n_blocks: int,
+    cfg: SparseConfig,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """:func:`select_block_indices` for one query at a device ``position``, with fixed shapes (capturable).
+
+    The same rules and tie-breaking as the dynamic selection (module docstring), computed against buffers
+    sized for the cache capacity: windows the query cannot see yet are masked, blocks after its block are
+    never candidates, so the selected set equals the dynamic one. Below ``dense_len`` every block up to the
+    query's is listed (dense regime).
+
+    Args:
+        q: ``[B, Hq, 1, d]``.
+        compressed_k: ``[B, Hkv, Nc, d]`` compressed keys of the buffer (windows not complete yet may hold
+            anything finite: they are masked by ``position``).
+        position: 0-d int64 device tensor, the query's position.
+        n_blocks: key blocks of the buffer (``ceil(L / block_size)``).
+        cfg: sparse sizes; scale: scoring softmax scale (default ``d ** -0.5``).
+
+    Returns:
+        int64 ``[B, Hkv, 1, W]``, ascending, -1 padded; ``W = max(init + local + topk (each clamped to
+        n_blocks), min(n_blocks, ceil(dense_len / block_size)))`` is fixed by the sizes alone.
+    """
+    b, hq, tq, d = q.shape
+    hkv = compressed_k.shape[1]
+    device = q.device
+    scale = d**-0.5 if scale is None else scale
+    pos = position.reshape(1)
+    qb = torch.div(pos, cfg.block_size, rounding_mode="floor")  # [1]
+    blocks = torch.arange(n_blocks, device=device)
+    n_init = min(cfg.init_blocks, n_blocks)
+    n_local = min(cfg.local_blocks, n_blocks)
+    k_top = min(cfg.topk, n_blocks)
+    init = torch.arange(n_init, device=device)[None, :]
+    init = torch.where(init <= qb[:, None], init, -1)
+    local = qb[:, None] - torch.arange(n_local, device=device)[None, :]
+    local = torch.where(local >= cfg.init_blocks, local, -1)
+    parts = [init.expand(b, hkv, 1, n_init), local.expand(b, hkv, 1, n_local)]
+    if k_top > 0 and compressed_k.shape[2] > 0:
+        scores = _window_block_scores(q, compressed_k, _visible_windows(pos, cfg), n_blocks, cfg, scale)
+        candidate = (blocks[None, :] >= cfg.init_blocks) & (blocks[None, :] <= qb[:, None] - cfg.local_blocks)
+        key = scores.view(torch.int32).long() * _TIE_SPAN + (_TIE_SPAN - 1 - blocks)
+        values, top = key.masked_fill(~candidate, -1).topk(k_top, dim=-1)
+        parts.append(torch.where(values >= 0, top, -1))
+    idx = torch.cat(parts, dim=-1)
+    dense_width = min(n_blocks, -(-cfg.dense_len // cfg.block_size))
+    width = max(idx.shape[-1], dense_width)
+    idx = F.pad(idx, (0, width - idx.shape[-1]), value=-1)
+    every = torch.arange(width, device=device)
+    every = torch.where((every[None, :] <= qb[:, None]) & (every[None, :] < dense_width), every, -1)
+    idx = torch.where((pos + 1 < cfg.dense_len)[:, None], every, idx)
+    idx = torch.where(idx < 0, n_blocks, idx).sort(dim=-1).values
+    return torch.where(idx == n_blocks, -1, idx)
+
+
+def sparse_decode_static(
+    q: torch.Tensor,
+    k_buf: torch.Tensor,
+    v_buf: torch.Tensor,
+    compressed_k: torch.Tensor,
+    position: torch.Tensor,
+    cfg: SparseConfig,
+    *,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """One InfLLM-V2 decode step over a static cache: select blocks, gather them, attend (capturable).
+
+    Reads the compressed keys (scoring) and only the selected blocks of ``k_buf``/``v_buf``, never the whole
+    cache; no host synchronisation and no shape that depends on ``position``, so it can run inside a CUDA
+    graph. Equal (to float rounding) to :func:`sparse_attention` over the keys ``0 .. position``.
+
+    Args:
+        q: ``[B, Hq, 1, d]``; k_buf, v_buf: ``[B, Hkv, L, d]`` with the keys ``0 .. position`` written.
+        compressed_k: ``[B, Hkv, Nc, d]`` compressed keys of ``k_buf`` (at least the complete windows).
+        position: 0-d int64 device tensor, the new token's position.
+        cfg: sparse sizes; scale: softmax scale (default ``d ** -0.5``).
+
+    Returns:
+        ``[B, Hq, 1, d]`` in ``q``'s dtype.
+    """
+    n_blocks = -(-k_buf.shape[2] // cfg.block_size)
+    indices = select_block_indices_static(q, compressed_k, position, n_blocks, cfg, scale)
+    return sparse_attention_gather(
+        q, k_buf, v_buf, indices, cfg.block_size, scale=scale, query_positions=position.reshape(1)
+    )
 
 
 # ----------------------------------------------------------------------------------- FlexAttention

@@ -1,0 +1,374 @@
+"""``hybridize bench``: build each preset once, measure it at every context length, write JSON + plots.
+
+Out-of-memory at any stage (weights, cache, prefill, decode) is recorded as ``"oom"`` and the run goes on;
+any other error is recorded as ``"error"`` with its message. A measurement whose predicted time (extrapolated
+from the preset's shorter lengths, see :func:`~hybridize.bench.measure.predict_seconds`) exceeds
+``time_budget`` is recorded as ``"skipped"``; so is one that would end past ``total_budget``. A hybridize
+preset whose static cache alone cannot fit in device memory is always attempted: it fails at allocation, at
+once, and is recorded as out of memory. ``results.json`` is rewritten after every measurement, so a run that
+is killed keeps what it measured; with ``merge`` (default) a run adds to (and replaces the same
+preset/length rows of) the results already in the directory, so one table can be assembled from several
+calls that each fit a time limit.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import measure
+from .presets import PRESETS, Preset, build_model, layer_schedule
+from .report import load_results, merge_rows, write_markdown, write_plots, write_results
+
+__all__ = ["BenchOptions", "run_bench", "DEFAULT_LENGTHS", "DEFAULT_OUT"]
+
+_log = logging.getLogger("hybridize")
+
+#: 32K, 128K, 256K, 512K and 1M tokens
+DEFAULT_LENGTHS = (32768, 131072, 262144, 524288, 1048576)
+DEFAULT_OUT = "benchmarks/results/bench_h200"
+
+
+@dataclass
+class BenchOptions:
+    """Options of :func:`run_bench` (the CLI flags of ``hybridize bench``).
+
+    Attributes:
+        presets: names from :data:`~hybridize.bench.presets.PRESETS`.
+        lengths: context lengths (tokens) to measure, each >= 1.
+        decode_tokens: timed decode steps per measurement (>= 1).
+        out: output directory (``results.json``, ``results.md``, ``ttft.png``, ``decode.png``, ``memory.png``).
+        device: ``"cuda"`` (default when available) or ``"cpu"``.
+        dtype: ``"bfloat16"`` (default on CUDA), ``"float16"`` or ``"float32"`` (default on CPU).
+        chunk_size: prefill chunk of the hybridize presets (tokens).
+        time_budget: seconds one measurement may take (predicted); longer ones are skipped. None = no limit.
+        total_budget: seconds the whole call may take (predicted); later measurements are skipped. None = no limit.
+        decode_attention: ``auto`` / ``flex`` / ``split`` (see :class:`~hybridize.inference.GraphDecoder`).
+        graph: capture the decode step in a CUDA graph (CUDA only).
+        compile: run the decode step's forward through ``torch.compile`` before capturing it (opt-in).
+        seed: weights and prompt seed.
+        merge: add to the results already in ``out`` (same device and dtype) instead of starting afresh.
+        commit: git commit to record when the tree has no ``.git`` (e.g. a copy on the GPU machine).
+        command: the exact command line to record.
+        warmup: run each preset once at a short length first (untimed: compiles kernels, captures graphs).
+        profile: profile three extra decode steps per measurement (kernels per step, top kernels).
+    """
+
+    presets: list[str]
+    lengths: list[int] = field(default_factory=lambda: list(DEFAULT_LENGTHS))
+    decode_tokens: int = 64
+    out: str = DEFAULT_OUT
+    device: str | None = None
+    dtype: str | None = None
+    chunk_size: int = 16384
+    time_budget: float | None = 300.0
+    total_budget: float | None = None
+    decode_attention: str = "auto"
+    graph: bool = True
+    compile: bool = False
+    seed: int = 0
+    merge: bool = True
+    commit: str | None = None
+    command: str | None = None
+    warmup: bool = True
+    profile: bool = False
+
+
+def _git_state(override: str | None) -> dict:
+    root = Path(__file__).resolve().parents[3]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, check=True).stdout.strip())
+    except (OSError, subprocess.CalledProcessError):
+        commit, dirty = None, None
+    return {"commit": override or commit or "unknown", "uncommitted_changes": dirty}
+
+
+def _version(name: str) -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version(name)
+    except Exception:
+        return None
+
+
+def _environment(device: torch.device, dtype: torch.dtype, opts: BenchOptions) -> dict:
+    import transformers
+
+    cuda = device.type == "cuda"
+    return {
+        "benchmark": "hybridize bench",
+        "command": opts.command or "hybridize bench (called from Python)",
+        "device": torch.cuda.get_device_name(device) if cuda else "cpu",
+        "device_memory_bytes": torch.cuda.get_device_properties(device).total_memory if cuda else None,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "transformers": transformers.__version__,
+        "triton": _version("triton"),
+        "fla_core": _version("fla-core"),
+        "python": platform.python_version(),
+        "git": _git_state(opts.commit),
+        "dtype": str(dtype).replace("torch.", ""),
+        "batch": 1,
+        "chunk_size": opts.chunk_size,
+        "decode_tokens": opts.decode_tokens,
+        "time_budget_s": opts.time_budget,
+        "method": measure.__doc__.split("\n\n", 1)[1].strip(),
+    }
+
+
+def _validate(opts: BenchOptions) -> tuple[torch.device, torch.dtype]:
+    unknown = [p for p in opts.presets if p not in PRESETS]
+    if unknown or not opts.presets:
+        raise ValueError(f"unknown presets {unknown or '(none given)'}; choose from {sorted(PRESETS)}")
+    if not opts.lengths or any(n < 1 for n in opts.lengths):
+        raise ValueError(f"lengths must be >= 1 tokens, got {opts.lengths}")
+    if opts.decode_tokens < 1 or opts.chunk_size < 1:
+        raise ValueError("decode_tokens and chunk_size must be >= 1")
+    if opts.decode_attention not in ("auto", "flex", "split"):
+        raise ValueError(f"decode_attention must be auto, flex or split, got {opts.decode_attention!r}")
+    name = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda but no CUDA device is available (use --device cpu --presets tiny ...)")
+    if device.type not in ("cuda", "cpu"):
+        raise ValueError(f"device must be cuda or cpu, got {name!r}")
+    dtype_name = opts.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    if dtype_name not in ("bfloat16", "float16", "float32"):
+        raise ValueError(f"dtype must be bfloat16, float16 or float32, got {dtype_name!r}")
+    return device, getattr(torch, dtype_name)
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _preset_info(preset: Preset, model) -> dict:
+    info = {"kind": preset.kind, "description": preset.description, "baseline": preset.baseline, "peer": preset.peer}
+    if model is not None:
+        wb = measure.weight_bytes(model)
+        info.update(parameters=wb["parameters"], weight_bytes=wb["bytes"], tied_embeddings=wb["tied"])
+    if preset.kind == "hybrid":
+        from ..models.configuration import layer_types_to_str
+
+        info["schedule"] = layer_types_to_str(layer_schedule(preset.schedule, preset.shape["num_hidden_layers"]))
+        if model is not None and "sparse" in model.config.layer_types:
+            info["sparse_config"] = dict(model.config.sparse_config)
+    info["shape"] = {k: v for k, v in preset.shape.items() if k != "rope_parameters"}
+    return info
+
+
+def _failure(status: str, exc: BaseException | None, stage: str, ttft: float | None = None, reason: str | None = None) -> dict:
+    row = {"status": status, "stage": stage}
+    if status == "oom":
+        row.update(ttft_s=ttft if ttft is not None else "oom", decode_ms_per_token="oom", peak_memory_bytes="oom")
+    else:
+        row.update(ttft_s=None, decode_ms_per_token=None, peak_memory_bytes=None)
+    if exc is not None:
+        row["error"] = f"{type(exc).__name__}: {str(exc)[:400]}"
+    if reason:
+        row["reason"] = reason
+    return row
+
+
+def _measure(preset: Preset, model, context: int, opts: BenchOptions, state: dict) -> dict:
+    if preset.kind == "hf":
+        return measure.measure_hf(model, context, opts.decode_tokens, seed=opts.seed, state=state)
+    return measure.measure_hybrid(
+        model,
+        context,
+        opts.decode_tokens,
+        chunk_size=opts.chunk_size,
+        decode_attention=opts.decode_attention,
+        use_graph=opts.graph,
+        compile=opts.compile,
+        seed=opts.seed,
+        profile=opts.profile,
+        state=state,
+    )
+
+
+def _guarded(fn, device: torch.device, state: dict) -> dict:
+    """Run ``fn()`` and turn an out-of-memory error or any other error into a result row."""
+    try:
+        return fn()
+    except Exception as exc:  # recorded, then the run continues with the next measurement
+        status = "oom" if measure.is_oom(exc) else "error"
+        row = _failure(status, exc, state.get("stage", "unknown"), ttft=state.get("ttft_s"))
+        if status == "error":
+            _log.warning("bench: %s", row["error"])
+    _free(device)
+    return row
+
+
+def _print(line: str) -> None:
+    print(line, flush=True)
+
+
+def run_bench(opts: BenchOptions, log=_print) -> dict:
+    """Measure every preset at every length (see the module docstring) and write the results.
+
+    Args:
+        opts: :class:`BenchOptions`.
+        log: called with one line per measurement (default: print, flushed).
+
+    Returns:
+        the results dict written to ``out/results.json`` plus ``"files"`` (paths written) and ``"markdown"``
+        (the table).
+
+    Raises:
+        ValueError: unknown presets, bad lengths/sizes, or ``cuda`` asked without a GPU.
+    """
+    device, dtype = _validate(opts)
+    if device.type == "cuda":
+        _raise_recompile_limit(64)
+    out_dir = Path(opts.out)
+    started = time.time()
+    data = _environment(device, dtype, opts)
+    previous = load_results(out_dir) if opts.merge else None
+    if previous and (previous.get("device"), previous.get("dtype")) != (data["device"], data["dtype"]):
+        log(f"bench: {out_dir}/results.json is from {previous.get('device')} {previous.get('dtype')}: not merged")
+        previous = None
+    data["copy_bandwidth"] = measure.copy_bandwidth(device)
+    bw = data["copy_bandwidth"]["bytes_per_s"]
+    log(f"bench: {data['device']}, copy bandwidth {bw / 1e9:.0f} GB/s (read + write)")
+    data["presets"] = dict((previous or {}).get("presets", {}))
+    runs = list((previous or {}).get("runs", []))
+    run_info = {"command": data["command"], "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+                "git": data["git"], "presets": list(opts.presets), "lengths": list(opts.lengths),
+                "copy_bandwidth_bytes_per_s": bw, "options": {k: v for k, v in asdict(opts).items() if k != "command"}}
+    old_rows = list((previous or {}).get("results", []))
+    new_rows: list[dict] = []
+
+    def save() -> None:
+        data["results"] = merge_rows(old_rows, new_rows)
+        data["runs"] = runs + [dict(run_info, finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))]
+        write_results(out_dir, data)
+
+    elt = torch.empty((), dtype=dtype).element_size()
+    total_mem = data["device_memory_bytes"]
+    for name in opts.presets:
+        preset = PRESETS[name]
+        state: dict = {"stage": "weights"}
+        model = None
+        try:
+            torch.manual_seed(opts.seed)
+            model = build_model(preset, device, dtype, seed=opts.seed)
+        except Exception as exc:
+            status = "oom" if measure.is_oom(exc) else "error"
+            data["presets"][name] = _preset_info(preset, None)
+            for context in opts.lengths:
+                new_rows.append({"preset": name, "context": context, **_failure(status, exc, "weights")})
+            log(f"bench: {name}: {status} while building the model ({type(exc).__name__})")
+            _free(device)
+            save()
+            continue
+        data["presets"][name] = _preset_info(preset, model)
+        if opts.warmup:
+            w = min(min(opts.lengths), 2 * opts.chunk_size) if preset.kind == "hybrid" else min(min(opts.lengths), 4096)
+            t0 = time.perf_counter()
+            warm_state: dict = {}
+            warm = _guarded(lambda: _measure(preset, model, w, BenchOptions(**{**asdict(opts), "decode_tokens": 2}), warm_state),
+                            device, warm_state)
+            data["presets"][name]["warmup"] = {"context": w, "seconds": round(time.perf_counter() - t0, 2),
+                                               "status": warm.get("status"), "graph": warm.get("graph"),
+                                               "decode_attention": warm.get("decode_attention"),
+                                               "graph_error": warm.get("graph_error"), "error": warm.get("error")}
+            _free(device)
+        history: list[tuple[int, float]] = []
+        decode_ms: float | None = None
+        oomed = False
+        for context in sorted(opts.lengths):
+            row: dict = {"preset": name, "context": context}
+            predicted = measure.predict_seconds(history, context)
+            if predicted is not None and decode_ms is not None:
+                predicted += 1.5 * opts.decode_tokens * decode_ms / 1000 * (context / history[-1][0])
+            cache_too_big = (
+                preset.kind == "hybrid"
+                and total_mem is not None
+                and measure.static_cache_bytes(model.config, context + opts.decode_tokens + 4, elt)
+                + measure.weight_bytes(model)["bytes"] > total_mem
+            )
+            elapsed = time.time() - started
+            if not (oomed or cache_too_big) and predicted is not None:
+                if opts.time_budget is not None and predicted > opts.time_budget:
+                    row.update(_failure("skipped", None, "not run",
+                                        reason=f"predicted {predicted:.0f} s > time budget {opts.time_budget:.0f} s"))
+                elif opts.total_budget is not None and elapsed + predicted > opts.total_budget:
+                    row.update(_failure("skipped", None, "not run",
+                                        reason=f"predicted {predicted:.0f} s would end past the total budget {opts.total_budget:.0f} s"))
+            if "status" not in row:
+                state = {"stage": "cache"}
+                t0 = time.perf_counter()
+                result = _guarded(lambda: _measure(preset, model, context, opts, state), device, state)
+                _free(device)  # the cache of this length goes back before the next, larger one
+                row.update(result)
+                row["wall_s"] = round(time.perf_counter() - t0, 2)
+                if row["status"] == "ok":
+                    history.append((context, row["ttft_s"]))
+                    decode_ms = row["decode_ms_per_token"]
+                oomed = oomed or row["status"] == "oom"
+            if row["status"] == "ok":
+                roof = measure.decode_bytes_per_token(model, context)
+                ms = 1000 * roof["total"] / bw
+                row["roofline"] = {
+                    "bytes_per_token": roof["total"],
+                    "components": {k: v for k, v in roof.items() if k != "total"},
+                    "copy_bandwidth_bytes_per_s": bw,
+                    "ms_per_token": float(f"{ms:.4g}"),
+                    "achieved_fraction": float(f"{ms / row['decode_ms_per_token']:.3g}"),
+                }
+            new_rows.append(row)
+            save()
+            log(_line(row))
+        del model
+        _free(device)
+    data["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    save()
+    files = [out_dir / "results.json", write_markdown(out_dir, data), *write_plots(out_dir, data)]
+    return {**data, "files": [str(f) for f in files], "markdown": (out_dir / "results.md").read_text()}
+
+
+def _raise_recompile_limit(limit: int) -> None:
+    """Let torch.compile keep more specialisations per function (one flex decode kernel per cache shape across
+    presets); past the default limit of 8 it would run FlexAttention eagerly: exact, but slow."""
+    try:
+        import torch._dynamo.config as dynamo_config
+    except ImportError:  # pragma: no cover
+        return
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dynamo_config, name) and getattr(dynamo_config, name) < limit:
+            setattr(dynamo_config, name, limit)
+
+
+def _line(row: dict) -> str:
+    head = f"bench: {row['preset']:>14} {row['context']:>8} tokens: "
+    if row["status"] != "ok":
+        why = row.get("reason") or row.get("error") or ""
+        return head + f"{row['status']} ({row.get('stage')}) {why}"[:300]
+    roof = row.get("roofline", {})
+    mem = row["peak_memory_bytes"] / 2**30
+    return head + (
+        f"TTFT {row['ttft_s']:.3f} s, decode {row['decode_ms_per_token']:.3f} ms/token "
+        f"({100 * roof.get('achieved_fraction', 0):.0f}% of roofline {roof.get('ms_per_token', 0):.3f} ms), "
+        f"peak {mem:.2f} GiB, graph {row.get('graph')} ({row.get('decode_attention')}"
+        + (", compiled)" if row.get("compiled_step") else ")")
+    )
+
+
+def command_line(argv: list[str] | None) -> str:
+    """The exact ``hybridize ...`` command line (shell-quoted) for the record."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return " ".join(shlex.quote(a) for a in ["hybridize", *argv])

@@ -1,0 +1,188 @@
+"""``hybridize bench`` end to end on CPU with the tiny presets (issue 6): JSON + PNG + table, OOM recording,
+merging, the presets' shapes and the roofline arithmetic."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+
+from hybridize.bench import PRESETS, build_model, measure
+from hybridize.bench.measure import decode_bytes_per_token, predict_seconds, weight_bytes
+from hybridize.bench.presets import layer_schedule
+from hybridize.cli import main
+
+ARGS = ["bench", "--device", "cpu", "--lengths", "64", "160", "--decode-tokens", "2", "--chunk-size", "64"]
+ROW_FIELDS = ("ttft_s", "decode_ms_per_token", "peak_memory_bytes")
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning)
+        yield
+
+
+def _load(out):
+    return json.loads((out / "results.json").read_text())
+
+
+def test_bench_cli_end_to_end(tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert main([*ARGS, "--presets", "tiny", "tiny-full", "tiny-hf", "--out", str(out), "--profile"]) == 0
+    data = _load(out)
+    assert data["device"] == "cpu" and data["torch"] == torch.__version__
+    assert data["git"]["commit"] and data["command"].startswith("hybridize bench --device cpu")
+    assert "--out" in data["command"] and data["copy_bandwidth"]["bytes_per_s"] > 0
+    rows = {(r["preset"], r["context"]): r for r in data["results"]}
+    assert set(rows) == {(p, c) for p in ("tiny", "tiny-full", "tiny-hf") for c in (64, 160)}
+    for row in rows.values():
+        assert row["status"] == "ok", row
+        for key in ROW_FIELDS:
+            assert isinstance(row[key], (int, float)) and row[key] > 0, (key, row)
+        roof = row["roofline"]
+        assert roof["bytes_per_token"] == sum(roof["components"].values()) > 0
+        assert 0 < roof["achieved_fraction"] and roof["ms_per_token"] > 0
+    hybrid = rows[("tiny", 160)]
+    assert set(hybrid["prefill_breakdown_s"]) >= {"attention", "lightning", "sparse", "mlp", "other"}
+    assert hybrid["graph"] is False and hybrid["decode_attention"] == "split"
+    prof = hybrid["decode_profile"]
+    assert prof["steps"] == 3 and prof["kernels_per_step"] > 10 and prof["top"][0]["ms_per_step"] > 0
+    assert data["presets"]["tiny"]["schedule"] == "SLAL" and data["presets"]["tiny"]["warmup"]["status"] == "ok"
+    for name in ("ttft.png", "decode.png", "memory.png"):
+        png = (out / name).read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
+    table = (out / "results.md").read_text()
+    assert "| tiny | 160 |" in table and "x /" in table  # speed-ups against tiny-full / tiny-hf
+    assert "| preset | context |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        lambda: torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 GiB"),
+        lambda: RuntimeError("CUDA error: out of memory"),
+    ],
+    ids=["OutOfMemoryError", "RuntimeError"],
+)
+def test_oom_at_one_length_is_recorded_and_the_run_continues(tmp_path, monkeypatch, error):
+    real = measure.measure_hybrid
+
+    def flaky(model, context, *args, state=None, **kwargs):
+        if context == 160:
+            state["stage"] = "prefill"
+            raise error()
+        return real(model, context, *args, state=state, **kwargs)
+
+    monkeypatch.setattr(measure, "measure_hybrid", flaky)
+    out = tmp_path / "b"
+    assert main([*ARGS, "--lengths", "64", "160", "200", "--presets", "tiny", "--out", str(out), "--no-warmup"]) == 0
+    rows = {r["context"]: r for r in _load(out)["results"]}
+    assert rows[64]["status"] == "ok" and rows[200]["status"] == "ok"
+    oom = rows[160]
+    assert oom["status"] == "oom" and oom["stage"] == "prefill" and "out of memory" in oom["error"].lower()
+    assert all(oom[k] == "oom" for k in ROW_FIELDS)
+    assert "OOM" in (out / "results.md").read_text()
+
+
+def test_other_errors_are_recorded_and_runs_merge(tmp_path, monkeypatch):
+    out = tmp_path / "m"
+    assert main([*ARGS, "--lengths", "64", "--presets", "tiny-hf", "--out", str(out), "--no-warmup"]) == 0
+
+    def broken(*args, **kwargs):
+        raise ValueError("kernel exploded")
+
+    monkeypatch.setattr(measure, "measure_hybrid", broken)
+    assert main([*ARGS, "--lengths", "64", "--presets", "tiny", "--out", str(out), "--no-warmup"]) == 0
+    data = _load(out)
+    rows = {(r["preset"], r["context"]): r for r in data["results"]}
+    assert rows[("tiny-hf", 64)]["status"] == "ok"  # kept from the first run
+    assert rows[("tiny", 64)]["status"] == "error" and "kernel exploded" in rows[("tiny", 64)]["error"]
+    assert len(data["runs"]) == 2 and all(r["command"].startswith("hybridize bench") for r in data["runs"])
+    assert main([*ARGS, "--lengths", "64", "--presets", "tiny", "--out", str(out), "--no-warmup", "--fresh"]) == 0
+    assert [r["preset"] for r in _load(out)["results"]] == ["tiny"]  # --fresh: the earlier rows are gone
+
+
+def test_time_budget_skips_predicted_overruns(tmp_path, monkeypatch):
+    real = measure.measure_hybrid
+
+    def slow(model, context, *args, **kwargs):
+        row = real(model, context, *args, **kwargs)
+        row["ttft_s"] = 10.0  # pretend: 10 s at 64 tokens -> 160 tokens predicted at 62 s
+        return row
+
+    monkeypatch.setattr(measure, "measure_hybrid", slow)
+    out = tmp_path / "t"
+    assert main([*ARGS, "--presets", "tiny", "--out", str(out), "--no-warmup", "--time-budget", "30"]) == 0
+    rows = {r["context"]: r for r in _load(out)["results"]}
+    assert rows[64]["status"] == "ok" and rows[160]["status"] == "skipped" and "time budget" in rows[160]["reason"]
+
+
+def test_bench_rejects_bad_arguments(capsys):
+    assert main([*ARGS, "--presets", "tiny", "--lengths", "0"]) == 2
+    assert "lengths" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*ARGS, "--presets", "nope"])
+
+
+def test_predict_seconds():
+    assert predict_seconds([], 10) is None
+    assert predict_seconds([(10, 1.0)], 20) == pytest.approx(4.0)  # one point: quadratic
+    assert predict_seconds([(10, 1.0), (20, 2.0)], 40) == pytest.approx(4.0)  # linear fit
+    assert predict_seconds([(10, 1.0), (20, 16.0)], 40) == pytest.approx(64.0)  # exponent clamped to 2
+
+
+def test_preset_shapes_and_roofline_bytes():
+    """The 8B presets have Qwen3-8B's 8,190,735,360 parameters (ours and transformers' alike); the decode
+    roofline counts the weights once (not the untied input embedding) and the right KV per layer type."""
+    ours, peer = build_model(PRESETS["qwen3-8b"], "meta", torch.bfloat16), build_model(PRESETS["qwen3-8b-hf"], "meta", torch.bfloat16)
+    assert weight_bytes(ours)["parameters"] == weight_bytes(peer)["parameters"] == 8_190_735_360
+    small = build_model(PRESETS["qwen3-1.7b"], "meta", torch.bfloat16)
+    assert weight_bytes(small)["tied"] and weight_bytes(small)["parameters"] == 1_720_574_976
+    ctx = 262144
+    kv_layer = ctx * 2 * 8 * 128 * 2
+    full = decode_bytes_per_token(ours, ctx)
+    assert full["attention_kv"] == 36 * kv_layer
+    assert full["weights"] == 2 * (8_190_735_360 - 151936 * 4096 + 4096)
+    assert decode_bytes_per_token(peer, ctx)["total"] == full["total"]
+    hyp = decode_bytes_per_token(build_model(PRESETS["hypenet-8b"], "meta", torch.bfloat16), ctx)
+    assert hyp["attention_kv"] == 9 * kv_layer and hyp["lightning_state"] == 27 * 2 * 32 * 128 * 128 * 4
+    sala = decode_bytes_per_token(build_model(PRESETS["sala-8b"], "meta", torch.bfloat16), ctx)
+    assert sala["sparse_selected_kv"] == 9 * (1 + 32 + 64) * 64 * 2 * 8 * 128 * 2
+    assert layer_schedule("sala", 36).count("sparse") == 9 and layer_schedule("sala", 36)[0] == "sparse"
+    assert layer_schedule("hypenet", 28).count("attention") == 7
+
+
+def test_report_with_oom_skipped_and_error_rows(tmp_path):
+    """Table and plots from a synthetic H200-like results file: ratios only where both sides ran."""
+    from hybridize.bench.report import markdown_table, write_markdown, write_plots
+
+    def ok(preset, ctx, ttft, dec, mem):
+        return {"preset": preset, "context": ctx, "status": "ok", "ttft_s": ttft, "decode_ms_per_token": dec,
+                "peak_memory_bytes": mem, "roofline": {"ms_per_token": dec / 2, "achieved_fraction": 0.5}}
+
+    oom = {"status": "oom", "stage": "cache", "ttft_s": "oom", "decode_ms_per_token": "oom", "peak_memory_bytes": "oom"}
+    data = {
+        "device": "NVIDIA H200", "dtype": "bfloat16", "device_memory_bytes": 150e9,
+        "presets": {"qwen3-8b": {"baseline": None, "peer": "qwen3-8b-hf"}, "qwen3-8b-hf": {},
+                    "hypenet-8b": {"baseline": "qwen3-8b", "peer": "qwen3-8b-hf"}},
+        "results": [
+            ok("qwen3-8b", 262144, 40.0, 14.0, 60e9), {"preset": "qwen3-8b", "context": 1048576, **oom},
+            ok("qwen3-8b-hf", 262144, 46.0, 76.0, 95e9),
+            {"preset": "qwen3-8b-hf", "context": 1048576, "status": "skipped", "stage": "not run", "reason": "budget",
+             "ttft_s": None, "decode_ms_per_token": None, "peak_memory_bytes": None},
+            ok("hypenet-8b", 262144, 10.0, 7.0, 40e9), ok("hypenet-8b", 1048576, 60.0, 12.0, 70e9),
+            {"preset": "sala-8b", "context": 262144, "status": "error", "stage": "prefill", "error": "boom",
+             "ttft_s": None, "decode_ms_per_token": None, "peak_memory_bytes": None},
+        ],
+        "runs": [{"command": "hybridize bench --presets ..."}],
+    }
+    table = markdown_table(data)
+    assert "| hypenet-8b | 256K | 10 | 7 | 3.5 | 50% | 37.3 | 4x / 4.6x | 2x / 11x |" in table
+    assert "| hypenet-8b | 1M | 60 | 12 | 6 | 50% | 65.2 | ref. OOM / - | ref. OOM / - |" in table
+    assert "| qwen3-8b | 1M | OOM | OOM | - | - | OOM |" in table and "| sala-8b | 256K | error |" in table
+    assert "skipped" in table
+    write_markdown(tmp_path, data)
+    assert all(p.stat().st_size > 1000 for p in write_plots(tmp_path, data))
