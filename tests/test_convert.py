@@ -388,3 +388,13 @@ def test_stage1_trains_only_the_student_mixers(tiny_teacher_dir, data_file, tmp_
     assert init.keys() == trained.keys() and all(k.startswith("layers.") for k in trained)
     assert all(".self_attn." not in k for k in trained)  # mixer parameters only, no MLP/norm/embedding
     assert any(not torch.equal(init[k], trained[k]) for k in trained)
+
+
+def test_sala_recipe_keeps_first_and_last_as_sparse(tiny_teacher_dir, data_file, tmp_path):
+    summary = run_convert(_opts(tiny_teacher_dir, data_file, tmp_path / "run", recipe="sala"))
+    assert summary["selection"]["layer_types"] == ["sparse", "lightning", "lightning", "sparse"]
+    model = HybridForCausalLM.from_pretrained(tmp_path / "run" / "stage2" / "model")
+    assert model.config.layer_types == ["sparse", "lightning", "lightning", "sparse"]
+    assert model.config.sparse_config["dense_len"] == 8192  # SALA defaults: dense below 8K, sparse above
+    ids = torch.randint(0, model.config.vocab_size, (1, 12))
+    assert torch.isfinite(model(ids).logits).all()

@@ -38,6 +38,7 @@ def _convert(args) -> int:
         general_tasks=args.general_tasks,
         lm_eval_limit=args.lm_eval_limit,
         collapse_threshold=args.collapse_threshold,
+        recipe=args.recipe,
         eval=not args.no_eval,
         eval_passkey_trials=args.passkey_trials,
         seed=args.seed,
@@ -253,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--recall-tasks", nargs="+", default=None, help="lm-eval tasks for the recall score R (e.g. squad_completion fda swde); needs lm-eval and network")
     c.add_argument("--general-tasks", nargs="+", default=None, help="lm-eval tasks for the general score C (e.g. hellaswag arc_easy arc_challenge)")
     c.add_argument("--lm-eval-limit", type=int, default=None, help="examples per lm-eval task")
+    c.add_argument("--recipe", choices=["hypenet", "sala"], default=d.recipe,
+                   help="hypenet: kept layers are NoPE+HyPE attention; sala: kept layers are InfLLM-V2 sparse attention, first and last always kept")
     c.add_argument("--collapse-threshold", type=float, default=d.collapse_threshold,
                    help="keep as attention the layers whose replacement alone drops C below this fraction of the teacher's (0: pure HALO ranking)")
     c.add_argument("--passkey-trials", type=int, default=d.eval_passkey_trials)

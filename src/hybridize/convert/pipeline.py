@@ -25,6 +25,10 @@ __all__ = ["ConvertOptions", "run_convert", "run_selection", "reselect", "final_
 
 log = logging.getLogger("hybridize")
 
+#: ``hypenet``: kept layers are NoPE+HyPE softmax attention (SPEC 1b); ``sala``: kept layers are InfLLM-V2
+#: sparse attention (SPEC 1c), first and last layers always kept (MiniCPM-SALA recipe).
+RECIPES = ("hypenet", "sala")
+
 
 @dataclass
 class ConvertOptions:
@@ -57,6 +61,7 @@ class ConvertOptions:
     general_tasks: list[str] | None = None
     lm_eval_limit: int | None = None
     collapse_threshold: float = 0.5
+    recipe: str = "hypenet"
     eval: bool = True
     eval_ppl_lengths: tuple[int, ...] = (512, 2048)
     eval_ppl_sequences: int = 4
@@ -113,6 +118,12 @@ def run_selection(teacher, tokenizer, run_dir: Path, opts: ConvertOptions, heldo
     stage.begin()
     n = teacher.config.num_hidden_layers
     k = opts.num_attention if opts.num_attention is not None else n // 4
+    if opts.recipe not in RECIPES:
+        raise ValueError(f"unknown recipe {opts.recipe!r}; choose one of {RECIPES}")
+    # SALA (MiniCPM-SALA report): the first and last layers always stay (sparse) attention; HALO ranks the rest
+    fixed = [0, n - 1] if opts.recipe == "sala" else []
+    if opts.recipe == "sala":
+        k = max(k, 2)
     if opts.layer_types:
         layer_types = layer_types_from_str(opts.layer_types)
         if len(layer_types) != n:
@@ -142,13 +153,15 @@ def run_selection(teacher, tokenizer, run_dir: Path, opts: ConvertOptions, heldo
     keep = collapsed_layers(sweep["C"], sweep["teacher"]["C"], opts.collapse_threshold) if sweep else []
     if keep:
         log.info("layers %s collapse the general score when replaced alone: kept as attention", keep)
-    chosen = select_layers(n, k, opts.selection, ranking, sweep and sweep["C"], always_attention=keep)
-    layer_types = ["attention" if i in chosen else "lightning" for i in range(n)]
+    chosen = select_layers(n, k, opts.selection, ranking, sweep and sweep["C"], always_attention=fixed + keep)
+    kept_type = "sparse" if opts.recipe == "sala" else "attention"
+    layer_types = [kept_type if i in chosen else "lightning" for i in range(n)]
     extra = {
         "method": opts.selection,
         "num_attention": k,
         "attention_layers": chosen,
         "collapse_kept": keep,
+        "recipe": opts.recipe,
         "layer_types": layer_types,
     }
     if sweep is not None:
