@@ -398,3 +398,28 @@ def test_sala_recipe_keeps_first_and_last_as_sparse(tiny_teacher_dir, data_file,
     assert model.config.sparse_config["dense_len"] == 8192  # SALA defaults: dense below 8K, sparse above
     ids = torch.randint(0, model.config.vocab_size, (1, 12))
     assert torch.isfinite(model(ids).logits).all()
+
+
+def test_cli_rejects_bad_numbers_and_out_paths(capsys, tmp_path, tiny_teacher_dir, data_file):
+    for flag in ("--seq-len", "--stage1-batch", "--stage2-batch", "--stage1-tokens"):
+        with pytest.raises(SystemExit) as e:
+            main(["convert", flag, "0"])
+        assert e.value.code == 2 and "positive integer" in capsys.readouterr().err
+    a_file = tmp_path / "afile"
+    a_file.write_text("x")
+    code, err = _run_cli(capsys, "convert", "--teacher", str(tiny_teacher_dir), "--data", str(data_file), "--out", str(a_file))
+    assert code == 2 and "is a file" in err
+
+
+def test_resume_with_another_teacher_is_refused(tiny_teacher_dir, data_file, tmp_path, capsys):
+    run_convert(_opts(tiny_teacher_dir, data_file, tmp_path / "run"))
+    code, err = _run_cli(capsys, "convert", "--teacher", "smollm2", "--data", str(data_file), "--out", str(tmp_path / "run"))
+    assert code == 2 and "teacher=" in err and "another --out" in err
+
+
+def test_two_converts_never_share_a_run_dir(tiny_teacher_dir, data_file, tmp_path):
+    from hybridize.convert.pipeline import _run_lock
+
+    with _run_lock(tmp_path / "run", True):
+        with pytest.raises(ValueError, match="another `hybridize convert`"):
+            run_convert(_opts(tiny_teacher_dir, data_file, tmp_path / "run"))

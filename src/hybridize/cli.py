@@ -14,6 +14,16 @@ import sys
 __all__ = ["main"]
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
 def _convert(args) -> int:
     from .convert.pipeline import ConvertOptions, run_convert
 
@@ -238,16 +248,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--teacher", default=None, help="local Llama/Qwen3 directory or hub id; default: embedded SmolLM2-135M-Instruct")
     c.add_argument("--data", nargs="+", default=None, help="training text: .txt/.jsonl/.parquet files or an HF dataset name; default: bundled corpus")
     c.add_argument("--out", default=d.out, help="run directory (rerun the same command to resume)")
-    c.add_argument("--seq-len", type=int, default=d.seq_len, help="training sequence length (tokens), stages 1-2")
-    c.add_argument("--stage1-tokens", type=int, default=d.stage1_tokens, help="stage 1 (alignment) token budget")
-    c.add_argument("--stage1-batch", type=int, default=d.stage1_batch)
+    c.add_argument("--seq-len", type=_positive_int, default=d.seq_len, help="training sequence length (tokens), stages 1-2")
+    c.add_argument("--stage1-tokens", type=_positive_int, default=d.stage1_tokens, help="stage 1 (alignment) token budget")
+    c.add_argument("--stage1-batch", type=_positive_int, default=d.stage1_batch)
     c.add_argument("--stage1-lr", type=float, default=d.stage1_lr)
-    c.add_argument("--stage2-tokens", type=int, default=d.stage2_tokens, help="stage 2 (KL distillation) token budget")
-    c.add_argument("--stage2-batch", type=int, default=d.stage2_batch)
+    c.add_argument("--stage2-tokens", type=_positive_int, default=d.stage2_tokens, help="stage 2 (KL distillation) token budget")
+    c.add_argument("--stage2-batch", type=_positive_int, default=d.stage2_batch)
     c.add_argument("--stage2-lr", type=float, default=d.stage2_lr)
     c.add_argument("--stage3", action="store_true", help="also run stage 3 (long-context fine-tune)")
-    c.add_argument("--stage3-tokens", type=int, default=d.stage3_tokens)
-    c.add_argument("--stage3-seq-len", type=int, default=d.stage3_seq_len)
+    c.add_argument("--stage3-tokens", type=_positive_int, default=d.stage3_tokens)
+    c.add_argument("--stage3-seq-len", type=_positive_int, default=d.stage3_seq_len)
     c.add_argument("--num-attention", type=int, default=None, help="attention layers to keep (default: floor(L/4))")
     c.add_argument("--selection", choices=SELECTION_METHODS, default=d.selection, help="layer selection method")
     c.add_argument("--layer-types", default=None, help="fixed schedule, one letter a layer (A attention, L lightning); skips selection")
@@ -258,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hypenet: kept layers are NoPE+HyPE attention; sala: kept layers are InfLLM-V2 sparse attention, first and last always kept")
     c.add_argument("--collapse-threshold", type=float, default=d.collapse_threshold,
                    help="keep as attention the layers whose replacement alone drops C below this fraction of the teacher's (0: pure HALO ranking)")
-    c.add_argument("--passkey-trials", type=int, default=d.eval_passkey_trials)
+    c.add_argument("--passkey-trials", type=_positive_int, default=d.eval_passkey_trials)
     c.add_argument("--no-eval", action="store_true", help="skip the teacher-vs-hybrid evaluation")
     c.add_argument("--seed", type=int, default=d.seed)
     c.add_argument("--threads", type=int, default=None, help="torch CPU threads")

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -208,6 +210,52 @@ def load_run_data(opts: ConvertOptions, tokenizer) -> tuple[list[list[int]], lis
     return tokenize_documents(corpus.train, tokenizer, cache=True), tokenize_documents(corpus.heldout, tokenizer, cache=True), desc
 
 
+def _check_run_dir(run_dir: Path, opts: ConvertOptions) -> None:
+    """Refuse an output path that cannot hold a run, or a run directory made with another teacher/data.
+
+    Raises:
+        ValueError: names the path or the differing setting, and the fix (another ``--out``).
+    """
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"--out {run_dir} is a file, not a directory: choose another --out")
+    parent = run_dir
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write into {parent} (permission denied): choose a writable --out")
+    for name in ("stage0", "stage1"):
+        m = StageDir(run_dir, name).manifest()
+        if m is None:
+            continue
+        before = m["inputs"].get("options", {})
+        for key in ("teacher", "data", "seq_len"):
+            if key in before and before[key] != getattr(opts, key):
+                raise ValueError(
+                    f"{run_dir} holds a run made with {key}={before[key]!r}, not {getattr(opts, key)!r}: resume it "
+                    "with the same settings, or choose another --out for a new run"
+                )
+
+
+@contextmanager
+def _run_lock(run_dir: Path, enabled: bool):
+    """An exclusive lock on ``<run>/.lock`` so two ``convert`` processes never write one run directory."""
+    if not enabled:
+        yield
+        return
+    import fcntl
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / ".lock", "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"another `hybridize convert` is writing {run_dir}; wait for it or choose another --out") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def run_convert(opts: ConvertOptions) -> dict:
     """Run the whole pipeline; returns a summary dict (stages' manifests and the evaluation report).
 
@@ -216,7 +264,7 @@ def run_convert(opts: ConvertOptions) -> dict:
         stage output is written where possible.
     """
     from ..data import document_separator_id, pack_sequences
-    from .distributed import barrier, init_distributed
+    from .distributed import init_distributed
     from .teachers import load_teacher
 
     t_start = time.time()
@@ -231,10 +279,19 @@ def run_convert(opts: ConvertOptions) -> dict:
     if opts.stage3:
         plan_steps(_settings(opts, "stage3"), None, "stage3")
 
+    _check_run_dir(run_dir, opts)
     teacher, tokenizer = load_teacher(opts.teacher, device=str(ctx.device))
     eos = document_separator_id(tokenizer)
     train_tok, heldout_tok, data_desc = load_run_data(opts, tokenizer)
     train_seqs = pack_sequences(train_tok, opts.seq_len, eos)
+    with _run_lock(run_dir, ctx.is_main):
+        return _run_stages(opts, ctx, run_dir, teacher, tokenizer, eos, train_tok, heldout_tok, train_seqs, data_desc, t_start)
+
+
+def _run_stages(opts, ctx, run_dir, teacher, tokenizer, eos, train_tok, heldout_tok, train_seqs, data_desc, t_start) -> dict:
+    from ..data import pack_sequences
+    from .distributed import barrier
+
     run_dir.mkdir(parents=True, exist_ok=True)
     setup_logging(run_dir / "convert.log" if ctx.is_main else None, logging.INFO if ctx.is_main else logging.WARNING)
     log.info("run directory %s; teacher %s", run_dir, opts.teacher or "smollm2 (embedded)")

@@ -194,6 +194,12 @@ def _from_pretrained(source: str, dtype: torch.dtype, where: str):
             f"could not load teacher {where}: {str(exc).strip().splitlines()[0]} "
             f"(missing weights/tokenizer files, or no network). {_ACCEPTED}"
         ) from exc
+    except Exception as exc:  # corrupt or truncated weights: safetensors/torch raise many types
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise TeacherNotFoundError(
+            f"could not read the weights of teacher {where} ({type(exc).__name__}: {first}); the checkpoint "
+            "files look corrupt or incomplete: download them again"
+        ) from exc
     return model, tokenizer
 
 

@@ -57,6 +57,10 @@ def plan_steps(settings: TrainSettings, available_sequences: int | None = None, 
     Raises:
         BudgetError: if the budget is smaller than one batch (names the numbers and the flag to raise).
     """
+    if settings.batch_size < 1 or settings.seq_len < 1:
+        raise BudgetError(
+            f"{stage}: batch size ({settings.batch_size}) and sequence length ({settings.seq_len}) must be >= 1"
+        )
     per_step = settings.batch_size * settings.seq_len
     steps = settings.tokens // per_step
     if steps < 1:
