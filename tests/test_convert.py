@@ -423,3 +423,11 @@ def test_two_converts_never_share_a_run_dir(tiny_teacher_dir, data_file, tmp_pat
     with _run_lock(tmp_path / "run", True):
         with pytest.raises(ValueError, match="another `hybridize convert`"):
             run_convert(_opts(tiny_teacher_dir, data_file, tmp_path / "run"))
+
+
+def test_failed_reselect_keeps_previous_selection(tiny_teacher_dir, data_file, tmp_path, capsys):
+    run_convert(_opts(tiny_teacher_dir, data_file, tmp_path / "run"))
+    before = StageDir(tmp_path / "run", "selection").manifest()
+    code = main(["select", "--run", str(tmp_path / "run"), "--num-attention", "-1"])
+    assert code == 2 and "--num-attention" in capsys.readouterr().err
+    assert StageDir(tmp_path / "run", "selection").manifest() == before

@@ -270,6 +270,12 @@ def run_convert(opts: ConvertOptions) -> dict:
     t_start = time.time()
     ctx = init_distributed(opts.device)
     run_dir = Path(opts.out)
+    if opts.threads is not None and opts.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {opts.threads}")
+    if opts.device is not None and opts.device.split(":")[0] not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu or cuda, got {opts.device!r}")
+    if opts.device is not None and opts.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda was given but this torch has no CUDA device; omit --device or use cpu")
     if opts.threads:
         torch.set_num_threads(opts.threads)
     torch.manual_seed(opts.seed)
@@ -340,10 +346,31 @@ def reselect(run_dir: Path, method: str | None = None, num_attention: int | None
     opts.selection = method or opts.selection
     opts.num_attention = num_attention if num_attention is not None else opts.num_attention
     opts.layer_types = None
+    from .select import SELECTION_METHODS
+
     teacher, tokenizer = load_teacher(opts.teacher)
+    n = teacher.config.num_hidden_layers
+    if opts.num_attention is not None and not 0 <= opts.num_attention <= n:
+        raise ValueError(f"--num-attention must be in [0, {n}], got {opts.num_attention}")
+    if opts.selection not in SELECTION_METHODS:
+        raise ValueError(f"unknown selection method {opts.selection!r}; choose one of {SELECTION_METHODS}")
     _, heldout_tok, _ = load_run_data(opts, tokenizer)
     heldout = pack_sequences(heldout_tok, opts.seq_len, document_separator_id(tokenizer), max_sequences=8)
-    sel = Path(run_dir) / "selection"
-    if sel.exists():
-        shutil.rmtree(sel)
-    return run_selection(teacher.eval(), tokenizer, Path(run_dir), opts, heldout, stage1["inputs"])
+    with _run_lock(Path(run_dir), True):  # never while a convert writes this run
+        sel = Path(run_dir) / "selection"
+        old = Path(run_dir) / ".selection.old"
+        if old.exists():
+            shutil.rmtree(old)
+        if sel.exists():
+            os.replace(sel, old)
+        try:
+            result = run_selection(teacher.eval(), tokenizer, Path(run_dir), opts, heldout, stage1["inputs"])
+        except BaseException:
+            if sel.exists():
+                shutil.rmtree(sel)
+            if old.exists():
+                os.replace(old, sel)  # a failed reselection leaves the previous selection intact
+            raise
+        if old.exists():
+            shutil.rmtree(old)
+        return result
