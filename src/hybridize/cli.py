@@ -49,6 +49,7 @@ def _convert(args) -> int:
         lm_eval_limit=args.lm_eval_limit,
         collapse_threshold=args.collapse_threshold,
         recipe=args.recipe,
+        checkpoint_every=args.checkpoint_every,
         eval=not args.no_eval,
         eval_passkey_trials=args.passkey_trials,
         seed=args.seed,
@@ -266,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--lm-eval-limit", type=int, default=None, help="examples per lm-eval task")
     c.add_argument("--recipe", choices=["hypenet", "sala"], default=d.recipe,
                    help="hypenet: kept layers are NoPE+HyPE attention; sala: kept layers are InfLLM-V2 sparse attention, first and last always kept")
+    c.add_argument("--checkpoint-every", type=_positive_int, default=d.checkpoint_every,
+                   help="optimizer steps between resumable checkpoints")
     c.add_argument("--collapse-threshold", type=float, default=d.collapse_threshold,
                    help="keep as attention the layers whose replacement alone drops C below this fraction of the teacher's (0: pure HALO ranking)")
     c.add_argument("--passkey-trials", type=_positive_int, default=d.eval_passkey_trials)
