@@ -431,3 +431,39 @@ def test_failed_reselect_keeps_previous_selection(tiny_teacher_dir, data_file, t
     code = main(["select", "--run", str(tmp_path / "run"), "--num-attention", "-1"])
     assert code == 2 and "--num-attention" in capsys.readouterr().err
     assert StageDir(tmp_path / "run", "selection").manifest() == before
+
+
+def test_flops_counts_linear_weights_and_cores():
+    """forward_flops_per_token = 2 x Linear weights + the causal mixing cores; MFU is None on the CPU."""
+    from torch import nn
+
+    from hybridize.convert.flops import forward_flops_per_token, linear_flops_per_token, mfu, mixing_flops_per_token
+
+    lin = nn.Sequential(nn.Linear(4, 3, bias=False), nn.Linear(3, 2))
+    assert linear_flops_per_token(lin) == 2 * (12 + 6)
+    # attention at T=7, 2 heads of dim 8: 4 * 2 * 8 * (7 + 1) / 2; lightning at chunk 4: 2 * (4*64 + 2*8*5)
+    assert mixing_flops_per_token(["attention"], 2, 8, 7) == 4 * 2 * 8 * 4
+    assert mixing_flops_per_token(["lightning"], 2, 8, 7, chunk_size=4) == 2 * (4 * 64 + 2 * 8 * 5)
+    with pytest.raises(ValueError, match="unknown layer type"):
+        mixing_flops_per_token(["conv"], 2, 8, 7)
+    from conftest import tiny_teacher
+
+    teacher = tiny_teacher("llama")
+    cfg = teacher.config
+    expect = linear_flops_per_token(teacher.model) + linear_flops_per_token(teacher.lm_head) + mixing_flops_per_token(
+        ["attention"] * cfg.num_hidden_layers, cfg.num_attention_heads, cfg.head_dim, 32)
+    assert forward_flops_per_token(teacher, 32) == expect
+    assert mfu(1e9, 1e3, "cpu") is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_convert_stages_on_gpu(tiny_teacher_dir, data_file, tmp_path):
+    """Stages 1, selection (HALO sweep) and 2 run on CUDA under bf16 autocast with the GPU kernels; losses
+    finite, throughput and MFU fields recorded."""
+    summary = run_convert(_opts(tiny_teacher_dir, data_file, tmp_path / "run", selection="halo", device="cuda"))
+    for name in ("stage1", "stage2"):
+        m = summary[name]
+        assert m["final_loss"] == m["final_loss"] and m["final_loss"] < float("inf")
+        assert m["steady_tokens_per_s"] > 0 and m["flops_per_token"] > 0
+        assert "mfu" in m

@@ -24,6 +24,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {value}")
+    return value
+
+
 def _convert(args) -> int:
     from .convert.pipeline import ConvertOptions, run_convert
 
@@ -135,7 +145,9 @@ def _eval(args) -> int:
     from pathlib import Path
 
     from .convert.evaluate import evaluate_models
+    from .convert.stage import setup_logging
 
+    setup_logging()
     report = evaluate_models(
         args.model,
         teacher=args.teacher,
@@ -143,8 +155,19 @@ def _eval(args) -> int:
         ppl_lengths=tuple(args.ppl_lengths),
         passkey_lengths=tuple(args.passkey_lengths),
         passkey_trials=args.passkey_trials,
+        ppl_sequences=args.ppl_sequences,
+        seed=args.seed,
+        ppl_text=args.ppl_text,
+        bucket_edges=tuple(args.buckets) if args.buckets else None,
+        passkey_forms=tuple(args.passkey_forms),
+        device=args.device,
+        dtype=args.dtype,
+        progress=not args.no_progress,
     )
     print(report["markdown"])
+    if args.out:
+        print(f"wrote {args.out}: report.json, report.md and plots (perplexity.png, passkey.png"
+              + (", buckets.png)" if args.buckets else ")"))
     if args.json:
         print(json.dumps(report["results"], indent=2, default=str))
     return 0
@@ -294,13 +317,29 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.set_defaults(func=_generate)
 
-    e = sub.add_parser("eval", help="held-out perplexity, passkey retrieval, decode speed and cache size")
+    from .convert.evaluate import PASSKEY_FORMS, PPL_TEXTS
+
+    e = sub.add_parser("eval", help="held-out perplexity, passkey retrieval, decode speed and cache size",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     e.add_argument("--model", required=True, help="converted model dir or run dir (or a teacher)")
     e.add_argument("--teacher", default=None, help="also evaluate this teacher side by side ('smollm2' for the embedded one)")
-    e.add_argument("--out", default=None, help="write report.json / report.md here")
-    e.add_argument("--ppl-lengths", type=int, nargs="+", default=[512, 2048])
-    e.add_argument("--passkey-lengths", type=int, nargs="+", default=[1024, 2048])
-    e.add_argument("--passkey-trials", type=int, default=10)
+    e.add_argument("--out", default=None,
+                   help="write report.json, report.md, perplexity.png, passkey.png (and buckets.png) here; checked writable first")
+    e.add_argument("--ppl-lengths", type=_positive_int, nargs="+", default=[512, 2048], help="perplexity lengths (tokens)")
+    e.add_argument("--ppl-text", choices=PPL_TEXTS, default="heldout",
+                   help="heldout: held-out documents of at least the length (packed held-out text where too few); "
+                        "essay: the held-out essays concatenated in fixed order, EOS between, cut to each length")
+    e.add_argument("--ppl-sequences", type=_positive_int, default=4, help="sequences per perplexity length (fewer where the text runs out)")
+    e.add_argument("--buckets", type=_nonnegative_int, nargs="+", default=None, metavar="POS",
+                   help="increasing token positions, e.g. 0 2048 8192 16384 32768: mean loss per position bucket at every perplexity length")
+    e.add_argument("--passkey-lengths", type=_positive_int, nargs="+", default=[1024, 2048], help="pass-key context lengths (tokens)")
+    e.add_argument("--passkey-trials", type=_positive_int, default=10, help="pass-key trials per length and form")
+    e.add_argument("--passkey-forms", choices=PASSKEY_FORMS, nargs="+", default=["repeated"],
+                   help="filler: repeated sentences (keys passkey_1k, ...) and/or held-out essay text (passkey_essay_1k, ...)")
+    e.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda if available")
+    e.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="model weights")
+    e.add_argument("--seed", type=int, default=0, help="pass-key seed (keys, depths)")
+    e.add_argument("--no-progress", action="store_true", help="no progress bars")
     e.add_argument("--json", action="store_true", help="also print the raw results as JSON")
     e.set_defaults(func=_eval)
 

@@ -17,6 +17,7 @@ from torch import nn
 from ..layers.common import RotaryEmbedding
 from ..models import HybridConfig
 from .distributed import barrier, context, full_tensor, shard_modules
+from .flops import forward_flops_per_token, linear_flops_per_token, mixing_flops_per_token
 from .stage import StageDir, save_tensors_atomic
 from .trainer import TrainSettings, train
 from .transfer import build_student
@@ -88,7 +89,8 @@ def alignment_losses(
     device = next(mixers.parameters()).device
     input_ids = input_ids.to(device)
     with torch.no_grad(), TeacherAttentionTap(teacher) as tap:
-        teacher(input_ids=input_ids, use_cache=False)
+        # the decoder alone: the taps need no logits, and the LM head would cost [B, T, vocab] memory
+        getattr(teacher, "model", teacher)(input_ids=input_ids, use_cache=False)
     b, t = input_ids.shape
     positions = torch.arange(t, device=device).unsqueeze(0).expand(b, t)
     dtype = tap.inputs[0].dtype
@@ -155,6 +157,12 @@ def run_stage1(teacher, train_data: torch.Tensor, run_dir, settings: TrainSettin
     stage1.begin()
     rotary = RotaryEmbedding(config)
     mixers.to(context().device).train()
+    # model FLOPs: the teacher's decoder forward (no LM head) + forward and backward of every student mixer
+    flops = forward_flops_per_token(teacher, settings.seq_len, include_head=False) + 3 * (
+        linear_flops_per_token(mixers)
+        + mixing_flops_per_token(["lightning"] * len(mixers), config.num_attention_heads, config.head_dim,
+                                 settings.seq_len, config.lightning_chunk_size)
+    )
     shard_modules(list(mixers))
     params = {f"layers.{i}.{k}": p for i, m in enumerate(mixers) for k, p in m.named_parameters()}
     last_layer_losses: list[float] = []
@@ -165,7 +173,7 @@ def run_stage1(teacher, train_data: torch.Tensor, run_dir, settings: TrainSettin
         return torch.stack(losses).mean()
 
     loss_fn.did_backward = True
-    result = train(stage1, params, loss_fn, train_data, settings, seed=seed, desc="stage 1 align")
+    result = train(stage1, params, loss_fn, train_data, settings, seed=seed, desc="stage 1 align", flops_per_token=flops)
     _save_mixers(mixers, stage1.path / MIXERS_FILE)
     return stage1.complete(
         {**inputs, "init": str(stage0.path)},
@@ -175,7 +183,7 @@ def run_stage1(teacher, train_data: torch.Tensor, run_dir, settings: TrainSettin
             "loss": "MSE (mean over layers)",
             "loss_curve": result.losses,
             "per_layer_mse": last_layer_losses,
-            "tokens_per_s": result.tokens_per_s,
+            **result.metrics(),
             "settings": vars(settings),
         },
     )

@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 from .align import MIXERS_FILE
 from .distributed import barrier, context, shard_modules
+from .flops import forward_flops_per_token
 from .losses import chunked_cross_entropy, chunked_kl
 from .stage import StageDir
 from .trainer import TrainSettings, train
@@ -88,6 +89,10 @@ def save_model_atomic(model, tokenizer, path: Path) -> None:
 
 def _distill(stage, teacher, student, tokenizer, data, settings, inputs, seed, loss_kind, extra) -> dict:
     student.to(context().device).train()
+    # model FLOPs (counted before sharding): student forward + backward, plus the frozen teacher's forward
+    flops = 3 * forward_flops_per_token(student, settings.seq_len)
+    if loss_kind == "kl":
+        flops += forward_flops_per_token(teacher, settings.seq_len)
     params_before = trainable_parameters(student)  # freezes embeddings / head before sharding
     frozen = {p for p in student.parameters() if not p.requires_grad}
     shard_modules(list(student.model.layers), student.model, ignored=frozen)
@@ -104,7 +109,7 @@ def _distill(stage, teacher, student, tokenizer, data, settings, inputs, seed, l
         return chunked_cross_entropy(s_hidden, batch, student.lm_head)
 
     loss_fn = kl_loss if loss_kind == "kl" else lm_loss
-    result = train(stage, params, loss_fn, data, settings, seed=seed, desc=f"{stage.name} {loss_kind}")
+    result = train(stage, params, loss_fn, data, settings, seed=seed, desc=f"{stage.name} {loss_kind}", flops_per_token=flops)
     student.eval()
     save_model_atomic(student, tokenizer, stage.path / MODEL_DIR)
     return stage.complete(
@@ -114,7 +119,7 @@ def _distill(stage, teacher, student, tokenizer, data, settings, inputs, seed, l
         extra={
             "loss": loss_kind,
             "loss_curve": result.losses,
-            "tokens_per_s": result.tokens_per_s,
+            **result.metrics(),
             "layer_types": student.config.layer_types,
             "settings": vars(settings),
             **extra,

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from ..errors import BudgetError
 from .distributed import all_reduce_mean, context, load_full_
+from .flops import mfu
 from .stage import StageDir, cosine_lr, make_optimizer
 
 __all__ = ["TrainSettings", "TrainResult", "train", "plan_steps"]
@@ -44,11 +45,39 @@ class TrainSettings:
 
 @dataclass
 class TrainResult:
+    """What :func:`train` measured.
+
+    Attributes:
+        steps: optimizer steps of the stage; tokens_seen: ``steps * batch_size * seq_len`` (global).
+        final_loss: mean of the last steps' losses (up to 10); losses: loss per step.
+        tokens_per_s: global tokens per second of this invocation, first steps included.
+        steady_tokens_per_s: the same without the first steps of this invocation (kernel autotuning,
+            allocator warm-up): ``min(3, steps_run // 4)`` steps are left out.
+        mfu: model FLOPs utilisation at ``steady_tokens_per_s`` (:mod:`hybridize.convert.flops`); None on
+            the CPU, on unknown GPUs, or when no FLOPs count was given.
+        flops_per_token: the model FLOPs per trained token used for ``mfu``.
+        world_size: processes that shared each global batch.
+    """
+
     steps: int
     tokens_seen: int
     final_loss: float
     losses: list[float]
     tokens_per_s: float
+    steady_tokens_per_s: float | None = None
+    mfu: float | None = None
+    flops_per_token: float | None = None
+    world_size: int = 1
+
+    def metrics(self) -> dict:
+        """The throughput figures for a stage manifest."""
+        return {
+            "tokens_per_s": self.tokens_per_s,
+            "steady_tokens_per_s": self.steady_tokens_per_s,
+            "mfu": self.mfu,
+            "flops_per_token": self.flops_per_token,
+            "world_size": self.world_size,
+        }
 
 
 def plan_steps(settings: TrainSettings, available_sequences: int | None = None, stage: str = "stage") -> int:
@@ -85,6 +114,7 @@ def train(
     settings: TrainSettings,
     seed: int = 0,
     desc: str | None = None,
+    flops_per_token: float | None = None,
 ) -> TrainResult:
     """Train ``params`` to minimise ``loss_fn(batch)`` over ``data``; resume from ``stage``'s checkpoint if any.
 
@@ -96,6 +126,8 @@ def train(
         data: ``[N, seq_len]`` int64 packed training sequences, visited in a seeded random order
             (wrapping around if the budget exceeds one epoch).
         settings: budget and optimiser settings.
+        flops_per_token: model FLOPs per trained token (:mod:`hybridize.convert.flops`), for the MFU
+            figure in the log and the result.
 
     Returns:
         A :class:`TrainResult` (loss per step, tokens seen, throughput).
@@ -125,6 +157,7 @@ def train(
     per_step = settings.batch_size * settings.seq_len
     bar = tqdm(total=steps, initial=start_step, desc=desc or stage.name, unit="step", dynamic_ncols=True, disable=not ctx.is_main)
     t0, tokens_this_run = time.time(), 0
+    step_ends: list[float] = []
     for step in range(start_step, steps):
         lr = cosine_lr(step, steps, settings.lr, settings.lr_final, warmup)
         for group in optimizer.param_groups:
@@ -142,22 +175,40 @@ def train(
         value = float(all_reduce_mean(loss.detach()))
         if value != value:  # NaN
             raise FloatingPointError(f"{stage.name}: loss became NaN at step {step}; lower the learning rate")
-        losses.append(value)
+        losses.append(value)  # the float() above waited for the GPU, so step_ends are true step times
         tokens_this_run += per_step
-        tps = tokens_this_run / max(1e-9, time.time() - t0)
+        step_ends.append(time.time())
+        tps = tokens_this_run / max(1e-9, step_ends[-1] - t0)
         bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.1e}", tok_s=f"{tps:.0f}")
         bar.update(1)
         if (step + 1) % max(1, steps // 10) == 0 or step + 1 == steps:
-            log.info("%s step %d/%d loss %.5f lr %.2e %.0f tok/s", stage.name, step + 1, steps, value, lr, tps)
+            util = mfu(flops_per_token, _steady_rate(step_ends, t0, per_step) or tps, ctx.device, ctx.world_size)
+            log.info("%s step %d/%d loss %.5f lr %.2e %.0f tok/s%s", stage.name, step + 1, steps, value, lr, tps,
+                     f" MFU {100 * util:.1f}%" if util is not None else "")
         if (step + 1) % settings.checkpoint_every == 0 and step + 1 < steps:
             stage.save_checkpoint(dict(params), optimizer, {"step": step + 1, "losses": losses})
     bar.close()
     elapsed = max(1e-9, time.time() - t0)
     tail = losses[-max(1, min(10, len(losses) // 5)) :]
+    steady = _steady_rate(step_ends, t0, per_step)
     return TrainResult(
         steps=steps,
         tokens_seen=steps * per_step,
         final_loss=sum(tail) / len(tail),
         losses=losses,
         tokens_per_s=tokens_this_run / elapsed,
+        steady_tokens_per_s=steady,
+        mfu=mfu(flops_per_token, steady, ctx.device, ctx.world_size) if steady else None,
+        flops_per_token=flops_per_token,
+        world_size=ctx.world_size,
     )
+
+
+def _steady_rate(step_ends: list[float], t0: float, per_step: int) -> float | None:
+    """Tokens/s over the steps after the first ``min(3, n // 4)`` of this invocation (None before 2 steps)."""
+    n = len(step_ends)
+    if n < 2:
+        return None
+    skip = min(3, n // 4)
+    start = step_ends[skip - 1] if skip else t0
+    return (n - skip) * per_step / max(1e-9, step_ends[-1] - start)

@@ -17,8 +17,9 @@ Held-out split (deterministic, data-only, no RNG): every document gets a key
 ``"<source>:<title or index or content fingerprint>"``; ``u = sha256(key) / 2**256``; a
 document is held out when ``u < heldout_fraction`` (default 0.10). Essays are then topped up:
 walking the essays in increasing ``u`` order, more are moved to held-out until held-out has at
-least ``min_heldout_essay_chars`` characters of essay text (default 200,000, about 45K teacher
-tokens) and at least ``min_long_heldout_essays`` essays of at least ``long_essay_chars``
+least ``min_heldout_essay_chars`` characters of essay text (default 340,000, about 80K teacher
+tokens: enough for one 65,536-token sequence of held-out essays, for perplexity and essay-filler
+pass-key at 64K; the training split keeps about 91% of the corpus's characters) and at least ``min_long_heldout_essays`` essays of at least ``long_essay_chars``
 characters (default 5 essays of >= 12,000 chars, about 2.7K tokens: enough for perplexity at
 2048 tokens inside single documents). Essays are de-duplicated first (the essay file holds some
 essays twice, in two formattings) and repeated documents are dropped (lee_background.cor repeats
@@ -422,7 +423,7 @@ def _essay_key(essay: str) -> str:
 
 def load_default_corpus(
     heldout_fraction: float = 0.10,
-    min_heldout_essay_chars: int = 200_000,
+    min_heldout_essay_chars: int = 340_000,
     min_long_heldout_essays: int = 5,
     long_essay_chars: int = 12_000,
     use_cache: bool = True,
@@ -434,7 +435,8 @@ def load_default_corpus(
 
     Args:
         heldout_fraction: fraction of documents (per hash) held out, in [0, 1).
-        min_heldout_essay_chars: minimum characters of essay text in held-out (~4.4 chars/token).
+        min_heldout_essay_chars: minimum characters of essay text in held-out (~4.2 chars per
+            SmolLM2 token; the default 340,000 gives ~82K tokens, >= 65,536 for 64K evaluation).
         min_long_heldout_essays: minimum number of held-out essays with >= ``long_essay_chars``.
         long_essay_chars: what counts as a long essay, in characters.
         use_cache: reuse ``<cache>/corpora/default-<key>.json`` (key: this module's source code,

@@ -7,9 +7,10 @@ Generic over any transformers causal LM (``PreTrainedModel`` + ``GenerationMixin
 
 from .passkey import first_number, passkey_accuracy, passkey_prompt, repeated_filler
 from .perplexity import heldout_perplexity
-from .report import METRICS, compare_table, format_bytes, format_metric, layer_types_string, write_report
+from .report import (METRICS, bucket_table, compare_table, format_bytes, format_metric, layer_types_string,
+                     plot_report, write_report)
 from .speed import cache_footprint, cache_nbytes, decode_speed
-from .suite import evaluate_model
+from .suite import evaluate_model, passkey_key
 
 __all__ = [
     "heldout_perplexity",
@@ -22,9 +23,12 @@ __all__ = [
     "cache_footprint",
     "compare_table",
     "write_report",
+    "plot_report",
+    "bucket_table",
     "layer_types_string",
     "format_bytes",
     "format_metric",
     "METRICS",
     "evaluate_model",
+    "passkey_key",
 ]

@@ -1,0 +1,151 @@
+"""Stages 1 and 2 of a conversion on 1 GPU and on N GPUs (FSDP2 under torchrun, NCCL), same settings and global
+batch: loss agreement step by step and throughput scaling (issue "Conversion on several GPUs").
+
+Both runs are the same command, ``python -m torch.distributed.run --nproc_per_node P -m hybridize convert
+<args> --out <dir>``, with P = 1 (one process: FSDP2 is not engaged) and P = N (every stage's modules
+sharded with ``fully_shard``; each rank takes ``batch / N`` rows of every global batch). Figures read back
+from the stage manifests: loss per step, ``steady_tokens_per_s`` (global tokens/s without the first steps),
+MFU. Results: JSON (GPU name, torch version, git commit, the exact commands) and a PNG of both loss curves.
+
+    python benchmarks/fsdp_scaling.py --gpus 2 --out benchmarks/results/fsdp2_h200x2 -- \
+        --data train.jsonl --layer-types ALLLALLL... --seq-len 512 --stage1-tokens 655360 --stage1-batch 64 \
+        --stage2-tokens 2621440 --stage2-batch 128 --no-eval --device cuda
+
+NVLink multicast stays off: the NCCL_NVLS_ENABLE / TORCH_SYMM_MEM_DISABLE_MULTICAST / NVSHMEM_DISABLE_NVLS
+variables of the environment are passed on unchanged (set to their off values when unset).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+STAGES = ("stage1", "stage2")
+_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+def _launch(nproc: int, convert_args: list[str], run_dir: Path, log_path: Path, timeout: float) -> dict:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "hybridize", "convert", *convert_args, "--out", str(run_dir)]
+    env = {**os.environ, **{k: os.environ.get(k, v) for k, v in _OFF.items()}}
+    t0 = time.time()
+    with log_path.open("w") as log:
+        proc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
+    return {"command": shlex.join(cmd), "returncode": proc.returncode, "wall_s": round(time.time() - t0, 1), "log": log_path.name}
+
+
+def _stage_figures(run_dir: Path) -> dict:
+    out = {}
+    for stage in STAGES:
+        path = run_dir / stage / "manifest.json"
+        if not path.is_file():
+            out[stage] = None
+            continue
+        m = json.loads(path.read_text())
+        out[stage] = {k: m.get(k) for k in ("final_loss", "tokens_seen", "tokens_per_s", "steady_tokens_per_s", "mfu",
+                                            "flops_per_token", "world_size", "loss_curve")}
+    return out
+
+
+def _compare(one: dict, many: dict) -> dict:
+    cmp = {}
+    for stage in STAGES:
+        a, b = one.get(stage), many.get(stage)
+        if not a or not b:
+            cmp[stage] = None
+            continue
+        la, lb = a["loss_curve"], b["loss_curve"]
+        n = min(len(la), len(lb))
+        rel = [abs(x - y) / max(abs(x), 1e-12) for x, y in zip(la[:n], lb[:n])]
+        cmp[stage] = {
+            "steps_compared": n,
+            "final_loss_1": a["final_loss"],
+            "final_loss_n": b["final_loss"],
+            "final_loss_rel_diff": abs(a["final_loss"] - b["final_loss"]) / max(abs(a["final_loss"]), 1e-12),
+            "max_step_rel_diff": max(rel) if rel else None,
+            "mean_step_rel_diff": sum(rel) / len(rel) if rel else None,
+            "speedup": (b["steady_tokens_per_s"] / a["steady_tokens_per_s"])
+            if a.get("steady_tokens_per_s") and b.get("steady_tokens_per_s") else None,
+        }
+    return cmp
+
+
+def _plot(one: dict, many: dict, n: int, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(STAGES), figsize=(10, 3.6))
+    for ax, stage in zip(axes, STAGES):
+        for figs, label in ((one, "1 GPU"), (many, f"{n} GPUs (FSDP2)")):
+            if figs.get(stage):
+                ax.plot(figs[stage]["loss_curve"], label=label, lw=1)
+        ax.set_title(stage)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--gpus", type=int, default=2, help="processes (GPUs) of the sharded run")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/fsdp2_h200x2"))
+    p.add_argument("--runs", type=Path, default=None, help="where the two run directories go (default: <out>/runs)")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds per run")
+    p.add_argument("--commit", default=os.environ.get("HYBRIDIZE_GIT_COMMIT"), help="git commit to record")
+    p.add_argument("convert_args", nargs=argparse.REMAINDER, help="after --: the `hybridize convert` flags (no --out)")
+    args = p.parse_args(argv)
+    convert_args = [a for a in args.convert_args if a != "--"]
+    if "--out" in convert_args:
+        p.error("give no --out among the convert flags: the script chooses one run directory per process count")
+    if args.gpus < 2:
+        p.error("--gpus must be >= 2 (the 1-GPU run is always made)")
+    if torch.cuda.is_available() and torch.cuda.device_count() < args.gpus:
+        p.error(f"--gpus {args.gpus} but this machine has {torch.cuda.device_count()} GPUs")
+    args.out.mkdir(parents=True, exist_ok=True)
+    runs = args.runs or args.out / "runs"
+    result = {
+        "benchmark": "benchmarks/fsdp_scaling.py",
+        "command": shlex.join([sys.executable, *sys.argv]) if argv is None else shlex.join(["fsdp_scaling.py", *argv]),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "gpus": args.gpus,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "nccl": ".".join(map(str, torch.cuda.nccl.version())) if torch.cuda.is_available() else None,
+        "git_commit": args.commit,
+        "multicast_env": {k: os.environ.get(k) for k in _OFF},
+        "runs": {},
+    }
+    figs = {}
+    for nproc in (1, args.gpus):
+        key = f"{nproc}gpu"
+        print(f"[fsdp_scaling] {key}: starting", flush=True)
+        result["runs"][key] = _launch(nproc, convert_args, runs / key, args.out / f"{key}.log", args.timeout)
+        figs[key] = _stage_figures(runs / key)
+        result["runs"][key]["stages"] = figs[key]
+        print(f"[fsdp_scaling] {key}: rc {result['runs'][key]['returncode']} in {result['runs'][key]['wall_s']} s", flush=True)
+    result["comparison"] = _compare(figs["1gpu"], figs[f"{args.gpus}gpu"])
+    (args.out / "results.json").write_text(json.dumps(result, indent=1))
+    _plot(figs["1gpu"], figs[f"{args.gpus}gpu"], args.gpus, args.out / "loss_curves.png")
+    for stage, c in result["comparison"].items():
+        if c:
+            print(f"{stage}: final loss {c['final_loss_1']:.5f} (1 GPU) vs {c['final_loss_n']:.5f} ({args.gpus} GPUs), "
+                  f"rel diff {c['final_loss_rel_diff']:.2e}, max step rel diff {c['max_step_rel_diff']:.2e}, "
+                  f"speedup {c['speedup'] if c['speedup'] is None else round(c['speedup'], 3)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
