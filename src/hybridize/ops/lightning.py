@@ -331,6 +331,9 @@ def lightning_attention(
 def _fla_lightning(q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens):
     """fla's simple-GLA kernels with ``g_gamma = log_decay`` (inputs already validated)."""
     chunk_kernel, recurrent_kernel = backend.fla_lightning_kernels()
+    # one dtype for the kernel: under autocast the RMS-normed q/k can be fp32 while v is bf16
+    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else v.dtype
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     n = q.shape[0]
     kwargs = {}
     if cu_seqlens is not None:
