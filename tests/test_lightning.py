@@ -210,3 +210,22 @@ def test_bad_shapes_raise():
         chunk_lightning_ref(q, k[:, :3], v, lightning_log_decay(3))
     with pytest.raises(ValueError, match="initial_state"):
         recurrent_lightning_ref(q, k, v, lightning_log_decay(3), initial_state=s0[:, :2])
+
+
+def test_fla_path_gets_one_dtype(monkeypatch):
+    """Under autocast the RMS-normed q/k reach the op in fp32 while v is bf16; fla's kernels need one dtype
+    (the H200 conversion failed with 'Both operands must be same dtype'). A stand-in kernel checks the cast."""
+    from hybridize.ops import backend
+    from hybridize.ops import lightning as L
+
+    seen = {}
+
+    def fake_kernel(q, k, v, g_gamma=None, scale=None, initial_state=None, output_final_state=False, **kw):
+        seen["dtypes"] = {q.dtype, k.dtype, v.dtype}
+        return torch.zeros_like(v), None
+
+    monkeypatch.setattr(backend, "fla_lightning_kernels", lambda: (fake_kernel, fake_kernel))
+    q = torch.randn(1, 5, 2, 4)
+    v = torch.randn(1, 5, 2, 4).bfloat16()
+    L._fla_lightning(q, q.clone(), v, L.lightning_log_decay(2), 0.5, None, False, None)
+    assert seen["dtypes"] == {torch.bfloat16}
