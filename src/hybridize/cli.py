@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -34,6 +35,37 @@ def _nonnegative_int(text: str) -> int:
     return value
 
 
+def _float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def _nonnegative_float(text: str) -> float:
+    value = _float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def _probability(text: str) -> float:
+    value = _float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
 def _convert(args) -> int:
     from .convert.pipeline import ConvertOptions, run_convert
 
@@ -51,6 +83,8 @@ def _convert(args) -> int:
         stage3=args.stage3,
         stage3_tokens=args.stage3_tokens,
         stage3_seq_len=args.stage3_seq_len,
+        stage3_batch=args.stage3_batch,
+        stage3_lr=args.stage3_lr,
         num_attention=args.num_attention,
         selection=args.selection,
         layer_types=args.layer_types,
@@ -275,13 +309,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seq-len", type=_positive_int, default=d.seq_len, help="training sequence length (tokens), stages 1-2")
     c.add_argument("--stage1-tokens", type=_positive_int, default=d.stage1_tokens, help="stage 1 (alignment) token budget")
     c.add_argument("--stage1-batch", type=_positive_int, default=d.stage1_batch)
-    c.add_argument("--stage1-lr", type=float, default=d.stage1_lr)
+    c.add_argument("--stage1-lr", type=_positive_float, default=d.stage1_lr, help="stage 1 peak learning rate")
     c.add_argument("--stage2-tokens", type=_positive_int, default=d.stage2_tokens, help="stage 2 (KL distillation) token budget")
     c.add_argument("--stage2-batch", type=_positive_int, default=d.stage2_batch)
-    c.add_argument("--stage2-lr", type=float, default=d.stage2_lr)
+    c.add_argument("--stage2-lr", type=_positive_float, default=d.stage2_lr, help="stage 2 peak learning rate")
     c.add_argument("--stage3", action="store_true", help="also run stage 3 (long-context fine-tune)")
     c.add_argument("--stage3-tokens", type=_positive_int, default=d.stage3_tokens)
     c.add_argument("--stage3-seq-len", type=_positive_int, default=d.stage3_seq_len)
+    c.add_argument("--stage3-batch", type=_positive_int, default=d.stage3_batch)
+    c.add_argument("--stage3-lr", type=_positive_float, default=d.stage3_lr, help="stage 3 learning rate (constant)")
     c.add_argument("--num-attention", type=int, default=None, help="attention layers to keep (default: floor(L/4))")
     c.add_argument("--selection", choices=SELECTION_METHODS, default=d.selection, help="layer selection method")
     c.add_argument("--layer-types", default=None, help="fixed schedule, one letter a layer (A attention, L lightning); skips selection")
@@ -310,9 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="stream text from a converted checkpoint or a teacher")
     g.add_argument("--model", required=True, help="converted model dir, run dir, teacher dir, hub id, or 'smollm2'")
     g.add_argument("--prompt", required=True)
-    g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    g.add_argument("--top-p", type=float, default=0.95)
+    g.add_argument("--max-new-tokens", type=_positive_int, default=64)
+    g.add_argument("--temperature", type=_nonnegative_float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-p", type=_probability, default=0.95, help="nucleus sampling mass in (0, 1] (with --temperature > 0)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     g.add_argument("--seed", type=int, default=0)
     g.set_defaults(func=_generate)
