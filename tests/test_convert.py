@@ -332,6 +332,26 @@ def test_cli_generate_rejects_bad_sampling_flags(capsys, flag, value, message):
     assert e.value.code == 2 and re.search(f"argument {flag}: {message}", err), err
 
 
+def test_run_with_only_stage1_says_it_has_no_model_yet(tiny_teacher_dir, data_file, tmp_path, capsys, monkeypatch):
+    import hybridize.convert.pipeline as pipeline
+
+    def stop(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "run_selection", stop)
+    with pytest.raises(KeyboardInterrupt):
+        run_convert(_opts(tiny_teacher_dir, data_file, tmp_path / "run"))
+    assert StageDir(tmp_path / "run", "stage1").is_complete()
+    run = str(tmp_path / "run")
+    for argv in (["generate", "--model", run, "--prompt", "the"],
+                 ["eval", "--model", run, "--device", "cpu", "--no-progress"],
+                 ["tune-hype", "--model", run]):
+        code, err = _run_cli(capsys, *argv)
+        assert code == 2, argv
+        assert "no finished model yet" in err and "stage0, stage1" in err and f"hybridize convert --out {run}" in err, err
+        assert "config.json" not in err
+
+
 # ---- the real teacher on real text -------------------------------------------------------------------
 
 

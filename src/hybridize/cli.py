@@ -214,7 +214,7 @@ def _tune_hype(args) -> int:
 
     from .assets import atomic_write_bytes
     from .convert.hype import DEFAULT_GRID, long_sequences, parse_grid, tune_hype
-    from .convert.pipeline import final_model_dir
+    from .convert.pipeline import final_model_dir, is_run_dir
     from .data import document_separator_id, load_default_corpus, load_texts, tokenize_documents
     from .loading import is_hybrid_checkpoint, load_model
     from .models.released import released_format
@@ -222,7 +222,7 @@ def _tune_hype(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     model_dir = Path(args.model)
-    if model_dir.is_dir() and not (model_dir / "config.json").exists() and any((model_dir / s).is_dir() for s in ("stage2", "stage3")):
+    if is_run_dir(model_dir):
         model_dir = final_model_dir(model_dir)
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"{args.model} is not a checkpoint directory (no config.json): tune-hype writes a into it")

@@ -23,7 +23,8 @@ from .distill import MODEL_DIR, run_stage2, run_stage3
 from .stage import StageDir, atomic_write_text, setup_logging
 from .trainer import TrainSettings, plan_steps
 
-__all__ = ["ConvertOptions", "run_convert", "run_selection", "reselect", "final_model_dir", "load_run_data", "split_heldout"]
+__all__ = ["ConvertOptions", "check_convert_options", "run_convert", "run_selection", "reselect",
+           "final_model_dir", "is_run_dir", "load_run_data", "split_heldout"]
 
 log = logging.getLogger("hybridize")
 
@@ -76,13 +77,33 @@ class ConvertOptions:
     extra: dict = field(default_factory=dict)
 
 
+#: the stage directories a run directory of ``hybridize convert`` may hold
+RUN_STAGES = ("stage0", "stage1", "selection", "stage2", "stage3")
+
+
+def is_run_dir(path: str | Path) -> bool:
+    """True for a run directory of ``hybridize convert``: a directory with a stage directory and no
+    ``config.json`` of its own (a checkpoint directory is never taken for a run)."""
+    path = Path(path)
+    return path.is_dir() and not (path / "config.json").exists() and any((path / n).is_dir() for n in RUN_STAGES)
+
+
 def final_model_dir(run_dir: Path) -> Path:
-    """The last complete model of a run: stage 3's if it ran, else stage 2's."""
+    """The last complete model of a run: stage 3's if it ran, else stage 2's.
+
+    Raises:
+        FileNotFoundError: the run has no finished model yet (says to resume the run).
+    """
     run_dir = Path(run_dir)
     for name in ("stage3", "stage2"):
         if StageDir(run_dir, name).is_complete():
             return run_dir / name / MODEL_DIR
-    raise FileNotFoundError(f"{run_dir} has no complete stage 2 or 3; run `hybridize convert --out {run_dir}`")
+    done = [n for n in RUN_STAGES if StageDir(run_dir, n).is_complete()]
+    raise FileNotFoundError(
+        f"{run_dir} is a `hybridize convert` run with no finished model yet (no complete stage 2 or 3; "
+        f"complete: {', '.join(done) or 'none'}): resume it with `hybridize convert --out {run_dir}` and the "
+        "same options"
+    )
 
 
 def _settings(opts: ConvertOptions, stage: str) -> TrainSettings:
