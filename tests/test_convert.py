@@ -418,6 +418,33 @@ def test_cli_select_recomputes_and_prints(tiny_teacher_dir, data_file, tmp_path,
     assert code == 2 and "no complete stage 1" in capsys.readouterr().err
 
 
+def test_cli_select_shows_a_saved_selection_unless_recompute(tiny_teacher_dir, data_file, tmp_path, capsys, monkeypatch):
+    import hybridize.convert.pipeline as pipeline
+
+    run = str(tmp_path / "run")
+    run_convert(_opts(tiny_teacher_dir, data_file, tmp_path / "run", selection="halo"))
+    saved = StageDir(tmp_path / "run", "selection").manifest()
+    real, calls = pipeline.reselect, []
+
+    def counting(*a, **k):
+        calls.append(a)
+        return real(*a, **k)
+
+    monkeypatch.setattr(pipeline, "reselect", counting)
+    for argv in (["--run", run], ["--run", run, "--selection", "halo", "--num-attention", "1"]):
+        assert main(["select", *argv]) == 0
+        out = capsys.readouterr().out
+        assert "saved selection" in out and "--recompute" in out
+        assert f"halo: attention layers {saved['attention_layers']}" in out
+        assert f"{saved['R'][0]:8.4f}" in out  # the saved per-layer scores
+    assert calls == [] and StageDir(tmp_path / "run", "selection").manifest() == saved
+    assert main(["select", "--run", run, "--recompute"]) == 0
+    assert "saved selection" not in capsys.readouterr().out and len(calls) == 1
+    assert main(["select", "--run", run, "--num-attention", "2"]) == 0  # changed option: recomputed
+    assert "saved selection" not in capsys.readouterr().out and len(calls) == 2
+    assert len(StageDir(tmp_path / "run", "selection").manifest()["attention_layers"]) == 2
+
+
 def test_layer_sweep_equals_full_forward_of_each_replaced_model(tiny_teacher_dir):
     """The sweep reuses the teacher's hidden states up to layer i; check it against a full M(i) forward."""
     import torch.nn.functional as F

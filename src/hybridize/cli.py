@@ -161,9 +161,13 @@ def _generate(args) -> int:
 
 
 def _select(args) -> int:
-    from .convert.pipeline import reselect
+    from .convert.pipeline import reselect, saved_selection
 
-    m = reselect(args.run, args.selection, args.num_attention)
+    m = None if args.recompute else saved_selection(args.run, args.selection, args.num_attention)
+    if m is not None:
+        print(f"saved selection of {args.run} (pass --recompute to compute it again)")
+    else:
+        m = reselect(args.run, args.selection, args.num_attention)
     if "R" in m:
         print(f"{'layer':>5} {'R':>8} {'C':>8} {'KL':>8} {'score':>8}")
         for i in range(len(m["R"])):
@@ -337,10 +341,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available); under torchrun one GPU per process")
     c.set_defaults(func=_convert)
 
-    s = sub.add_parser("select", help="layer selection on a run with stage 1 done: per-layer R, C, KL, score and a plot")
+    s = sub.add_parser("select", help="layer selection on a run with stage 1 done: per-layer R, C, KL, score and a plot "
+                                      "(a saved selection with the same options is shown, not recomputed)")
     s.add_argument("--run", required=True, help="run directory of `hybridize convert`")
     s.add_argument("--selection", choices=SELECTION_METHODS, default=None, help="method (default: the run's)")
-    s.add_argument("--num-attention", type=int, default=None)
+    s.add_argument("--num-attention", type=int, default=None, help="attention layers to keep (default: the run's)")
+    s.add_argument("--recompute", action="store_true",
+                   help="compute the selection again even when the saved one has the same method and attention count")
     s.set_defaults(func=_select)
 
     g = sub.add_parser("generate", help="stream text from a converted checkpoint or a teacher")

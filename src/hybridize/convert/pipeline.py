@@ -23,7 +23,7 @@ from .distill import MODEL_DIR, run_stage2, run_stage3
 from .stage import StageDir, atomic_write_text, setup_logging
 from .trainer import TrainSettings, plan_steps
 
-__all__ = ["ConvertOptions", "check_convert_options", "run_convert", "run_selection", "reselect",
+__all__ = ["ConvertOptions", "check_convert_options", "run_convert", "run_selection", "reselect", "saved_selection",
            "final_model_dir", "is_run_dir", "load_run_data", "split_heldout"]
 
 log = logging.getLogger("hybridize")
@@ -413,6 +413,22 @@ def _run_stages(opts, ctx, run_dir, teacher, tokenizer, eos, heldout_tok, train_
     summary["wall_time_s"] = round(time.time() - t_start, 1)
     log.info("convert finished in %.1f min; model in %s", summary["wall_time_s"] / 60, final_model_dir(run_dir))
     return summary
+
+
+def saved_selection(run_dir: Path, method: str | None = None, num_attention: int | None = None) -> dict | None:
+    """The complete selection manifest of ``run_dir`` when it answers the request, else None.
+
+    ``method`` / ``num_attention`` None means "whatever the saved selection used"; a given value must equal the
+    saved one. A schedule given with ``--layer-types`` (method ``given``) has no scores and is never returned.
+    """
+    m = StageDir(run_dir, "selection").manifest()
+    if m is None or m.get("method") == "given" or "attention_layers" not in m:
+        return None
+    if method is not None and method != m.get("method"):
+        return None
+    if num_attention is not None and num_attention != m.get("num_attention"):
+        return None
+    return m
 
 
 def reselect(run_dir: Path, method: str | None = None, num_attention: int | None = None) -> dict:
