@@ -91,6 +91,18 @@ def test_cli_generate_streams_from_run_dir(tiny_teacher_dir, data_file, tmp_path
     assert main(["generate", "--model", str(tiny_teacher_dir), "--prompt", "the city", "--max-new-tokens", "3"]) == 0
 
 
+def test_converted_model_without_tokenizer_files_says_so(tiny_teacher_dir, data_file, tmp_path, capsys):
+    from hybridize.convert.teachers import TOKENIZER_FILES
+
+    run_convert(_opts(tiny_teacher_dir, data_file, tmp_path / "run", layer_types="LLAL"))
+    model_dir = tmp_path / "run" / "stage2" / "model"
+    for name in TOKENIZER_FILES:
+        (model_dir / name).unlink(missing_ok=True)
+    code = main(["generate", "--model", str(tmp_path / "run"), "--prompt", "the river"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"no tokenizer files in {model_dir}" in err and "copy the tokenizer" in err
+
+
 def test_killed_stage_resumes_from_checkpoint(tiny_teacher_dir, data_file, tmp_path, monkeypatch):
     import hybridize.convert.align as align
 
