@@ -585,6 +585,15 @@ def test_failed_reselect_keeps_previous_selection(tiny_teacher_dir, data_file, t
     assert StageDir(tmp_path / "run", "selection").manifest() == before
 
 
+def test_reselect_of_a_gpu_run_on_a_cpu_machine(tiny_teacher_dir, data_file, tmp_path, capsys):
+    run_convert(_opts(tiny_teacher_dir, data_file, tmp_path / "run"))
+    manifest = StageDir(tmp_path / "run", "stage1").manifest_path
+    m = json.loads(manifest.read_text())
+    m["inputs"]["options"]["device"] = "cuda"  # as if trained on a GPU
+    manifest.write_text(json.dumps(m))
+    assert main(["select", "--run", str(tmp_path / "run"), "--selection", "even-latter"]) == 0
+
+
 def test_flops_counts_linear_weights_and_cores():
     """forward_flops_per_token = 2 x Linear weights + the causal mixing cores; MFU is None on the CPU."""
     from torch import nn

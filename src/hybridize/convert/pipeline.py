@@ -442,7 +442,7 @@ def reselect(run_dir: Path, method: str | None = None, num_attention: int | None
     import shutil
 
     from ..data import document_separator_id, pack_sequences
-    from .teachers import load_teacher
+    from .teachers import load_teacher, teacher_num_layers
 
     stage1 = StageDir(run_dir, "stage1").manifest()
     if stage1 is None:
@@ -451,8 +451,10 @@ def reselect(run_dir: Path, method: str | None = None, num_attention: int | None
     opts.selection = method or opts.selection
     opts.num_attention = num_attention if num_attention is not None else opts.num_attention
     opts.layer_types = None
+    opts.device = None  # selection runs where the teacher loads here (the CPU), whatever device the run trained on
     from .select import SELECTION_METHODS
 
+    check_convert_options(opts, teacher_num_layers(opts.teacher))
     teacher, tokenizer = load_teacher(opts.teacher)
     check_convert_options(opts, teacher.config.num_hidden_layers)
     if opts.selection not in SELECTION_METHODS:
