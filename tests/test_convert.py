@@ -91,6 +91,18 @@ def test_cli_generate_streams_from_run_dir(tiny_teacher_dir, data_file, tmp_path
     assert main(["generate", "--model", str(tiny_teacher_dir), "--prompt", "the city", "--max-new-tokens", "3"]) == 0
 
 
+def test_converted_model_without_tokenizer_files_says_so(tiny_teacher_dir, data_file, tmp_path, capsys):
+    from hybridize.convert.teachers import TOKENIZER_FILES
+
+    run_convert(_opts(tiny_teacher_dir, data_file, tmp_path / "run", layer_types="LLAL"))
+    model_dir = tmp_path / "run" / "stage2" / "model"
+    for name in TOKENIZER_FILES:
+        (model_dir / name).unlink(missing_ok=True)
+    code = main(["generate", "--model", str(tmp_path / "run"), "--prompt", "the river"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"no tokenizer files in {model_dir}" in err and "copy the tokenizer" in err
+
+
 def test_killed_stage_resumes_from_checkpoint(tiny_teacher_dir, data_file, tmp_path, monkeypatch):
     import hybridize.convert.align as align
 
@@ -228,15 +240,128 @@ def test_cli_budget_smaller_than_one_batch(capsys, tmp_path, tiny_teacher_dir, d
         "--stage2-tokens", "100",
     )
     assert code == 2 and "smaller than one batch" in err and "stage2" in err
+    assert "--stage2-tokens" in err and "--stage2-batch" in err and "--seq-len" in err and "--batch-size" not in err
     assert not (tmp_path / "run").exists()
+
+
+def test_budget_errors_name_each_stages_flags():
+    from hybridize.convert.trainer import TrainSettings, plan_steps
+    from hybridize.errors import BudgetError
+
+    with pytest.raises(BudgetError, match="raise --stage3-tokens or lower --stage3-batch / --stage3-seq-len"):
+        plan_steps(TrainSettings(100, 64, 2, 1e-5, 1e-5), None, "stage3")
+    with pytest.raises(BudgetError, match="lower --seq-len / --stage1-batch"):
+        plan_steps(TrainSettings(10_000, 64, 8, 1e-3, 1e-5), 3, "stage1")
 
 
 def test_cli_data_smaller_than_one_batch(capsys, tmp_path, tiny_teacher_dir):
     small = tmp_path / "small.txt"
     small.write_text("the river city king music.")
     code, err = _run_cli(capsys, "convert", "--teacher", str(tiny_teacher_dir), "--data", str(small), "--out", str(tmp_path / "run"))
-    assert code == 2 and "error:" in err
-    assert not StageDir(tmp_path / "run", "stage1").is_complete()
+    assert code == 2 and "training text" in err and "--seq-len 256" in err
+    assert not (tmp_path / "run").exists()
+    few = tmp_path / "few.txt"  # packs into fewer sequences than one batch: stage 1 never starts
+    few.write_text(_text(random.Random(1), 200))
+    code, err = _run_cli(capsys, "convert", "--teacher", str(tiny_teacher_dir), "--data", str(few), "--out", str(tmp_path / "run"),
+                         "--seq-len", "32", "--stage1-batch", "64", "--stage1-tokens", "4096")
+    assert code == 2 and "fewer than one batch of 64" in err and "--stage1-batch" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_heldout_too_short_is_named_before_any_output(capsys, tmp_path, tiny_teacher_dir):
+    rng = random.Random(2)
+    data = tmp_path / "docs.jsonl"  # 3 documents: the last (4 words) is the held-out text
+    data.write_text("\n".join(json.dumps({"text": t}) for t in (_text(rng, 300), _text(rng, 300), "the river city king")))
+    code, err = _run_cli(capsys, "convert", "--teacher", str(tiny_teacher_dir), "--data", str(data), "--out", str(tmp_path / "run"),
+                         "--seq-len", "32", "--stage1-tokens", "256", "--stage1-batch", "2", "--stage2-tokens", "256",
+                         "--stage2-batch", "2")
+    assert code == 2 and "held-out text" in err and "--seq-len 32" in err and "--data" in err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--layer-types", "LLA"], "--layer-types 'LLA' has 3 letters but the teacher has 4 layers"),
+    (["--layer-types", "LXLA"], r"--layer-types: .*\['X'\]"),
+    (["--layer-types", ""], "--layer-types is empty"),
+    (["--num-attention", "5"], r"--num-attention must be in \[0, 4\]"),
+    (["--num-attention", "-1"], r"--num-attention must be in \[0, 4\]"),
+])
+def test_cli_convert_checks_schedule_before_loading_the_teacher(capsys, tmp_path, tiny_teacher_dir, data_file, monkeypatch,
+                                                                extra, message):
+    import re
+
+    import hybridize.convert.teachers as teachers
+
+    def no_load(*a, **k):
+        raise AssertionError("the teacher was loaded before the options were checked")
+
+    monkeypatch.setattr(teachers, "load_teacher", no_load)
+    code, err = _run_cli(capsys, "convert", "--teacher", str(tiny_teacher_dir), "--data", str(data_file),
+                         "--out", str(tmp_path / "run"), *extra)
+    assert code == 2 and re.search(message, err), err
+    assert not (tmp_path / "run").exists()
+
+
+def test_convert_checks_schedule_after_a_teacher_of_unknown_size_loads(tiny_teacher_dir, data_file, tmp_path, monkeypatch):
+    import hybridize.convert.teachers as teachers
+
+    monkeypatch.setattr(teachers, "teacher_num_layers", lambda name: None)  # e.g. a hub id
+    with pytest.raises(ValueError, match=r"--num-attention must be in \[0, 4\]"):
+        run_convert(_opts(tiny_teacher_dir, data_file, tmp_path / "run", num_attention=9))
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("key, value", [("stage1_lr", 0.0), ("stage2_lr", float("nan")), ("stage3_lr", -1e-5),
+                                        ("stage2_lr", float("inf"))])
+def test_convert_rejects_bad_learning_rates_up_front(tiny_teacher_dir, data_file, tmp_path, key, value):
+    flag = "--" + key.replace("_", "-")
+    with pytest.raises(ValueError, match=f"{flag} must be a finite number > 0"):
+        run_convert(_opts(tiny_teacher_dir, data_file, tmp_path / "run", **{key: value}))
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("flag, value", [("--stage1-lr", "0"), ("--stage2-lr", "-0.001"), ("--stage3-lr", "nan"),
+                                         ("--stage1-lr", "inf")])
+def test_cli_rejects_bad_learning_rates(capsys, flag, value):
+    with pytest.raises(SystemExit) as e:
+        main(["convert", flag, value])
+    assert e.value.code == 2 and f"argument {flag}: must be a finite number" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--temperature", "-1", "must be a finite number >= 0"),
+    ("--temperature", "nan", "must be a finite number"),
+    ("--top-p", "2", r"must be in \(0, 1\]"),
+    ("--top-p", "0", r"must be in \(0, 1\]"),
+    ("--max-new-tokens", "0", "must be a positive integer"),
+])
+def test_cli_generate_rejects_bad_sampling_flags(capsys, flag, value, message):
+    import re
+
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--model", "unused", "--prompt", "x", flag, value])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and re.search(f"argument {flag}: {message}", err), err
+
+
+def test_run_with_only_stage1_says_it_has_no_model_yet(tiny_teacher_dir, data_file, tmp_path, capsys, monkeypatch):
+    import hybridize.convert.pipeline as pipeline
+
+    def stop(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "run_selection", stop)
+    with pytest.raises(KeyboardInterrupt):
+        run_convert(_opts(tiny_teacher_dir, data_file, tmp_path / "run"))
+    assert StageDir(tmp_path / "run", "stage1").is_complete()
+    run = str(tmp_path / "run")
+    for argv in (["generate", "--model", run, "--prompt", "the"],
+                 ["eval", "--model", run, "--device", "cpu", "--no-progress"],
+                 ["tune-hype", "--model", run]):
+        code, err = _run_cli(capsys, *argv)
+        assert code == 2, argv
+        assert "no finished model yet" in err and "stage0, stage1" in err and f"hybridize convert --out {run}" in err, err
+        assert "config.json" not in err
 
 
 # ---- the real teacher on real text -------------------------------------------------------------------
@@ -303,6 +428,33 @@ def test_cli_select_recomputes_and_prints(tiny_teacher_dir, data_file, tmp_path,
     assert m["layer_types"] == ["lightning", "lightning", "attention", "attention"]
     code = main(["select", "--run", str(tmp_path / "nothing")])
     assert code == 2 and "no complete stage 1" in capsys.readouterr().err
+
+
+def test_cli_select_shows_a_saved_selection_unless_recompute(tiny_teacher_dir, data_file, tmp_path, capsys, monkeypatch):
+    import hybridize.convert.pipeline as pipeline
+
+    run = str(tmp_path / "run")
+    run_convert(_opts(tiny_teacher_dir, data_file, tmp_path / "run", selection="halo"))
+    saved = StageDir(tmp_path / "run", "selection").manifest()
+    real, calls = pipeline.reselect, []
+
+    def counting(*a, **k):
+        calls.append(a)
+        return real(*a, **k)
+
+    monkeypatch.setattr(pipeline, "reselect", counting)
+    for argv in (["--run", run], ["--run", run, "--selection", "halo", "--num-attention", "1"]):
+        assert main(["select", *argv]) == 0
+        out = capsys.readouterr().out
+        assert "saved selection" in out and "--recompute" in out
+        assert f"halo: attention layers {saved['attention_layers']}" in out
+        assert f"{saved['R'][0]:8.4f}" in out  # the saved per-layer scores
+    assert calls == [] and StageDir(tmp_path / "run", "selection").manifest() == saved
+    assert main(["select", "--run", run, "--recompute"]) == 0
+    assert "saved selection" not in capsys.readouterr().out and len(calls) == 1
+    assert main(["select", "--run", run, "--num-attention", "2"]) == 0  # changed option: recomputed
+    assert "saved selection" not in capsys.readouterr().out and len(calls) == 2
+    assert len(StageDir(tmp_path / "run", "selection").manifest()["attention_layers"]) == 2
 
 
 def test_layer_sweep_equals_full_forward_of_each_replaced_model(tiny_teacher_dir):
@@ -431,6 +583,15 @@ def test_failed_reselect_keeps_previous_selection(tiny_teacher_dir, data_file, t
     code = main(["select", "--run", str(tmp_path / "run"), "--num-attention", "-1"])
     assert code == 2 and "--num-attention" in capsys.readouterr().err
     assert StageDir(tmp_path / "run", "selection").manifest() == before
+
+
+def test_reselect_of_a_gpu_run_on_a_cpu_machine(tiny_teacher_dir, data_file, tmp_path, capsys):
+    run_convert(_opts(tiny_teacher_dir, data_file, tmp_path / "run"))
+    manifest = StageDir(tmp_path / "run", "stage1").manifest_path
+    m = json.loads(manifest.read_text())
+    m["inputs"]["options"]["device"] = "cuda"  # as if trained on a GPU
+    manifest.write_text(json.dumps(m))
+    assert main(["select", "--run", str(tmp_path / "run"), "--selection", "even-latter"]) == 0
 
 
 def test_flops_counts_linear_weights_and_cores():

@@ -194,13 +194,42 @@ def test_cli_eval_long_report(model_dir, tmp_path, capsys):
     (["--ppl-lengths", "100000000"], r"perplexity at 100000000 tokens .* held-out text has only \d+ tokens"),
     (["--ppl-text", "essay", "--ppl-lengths", "100000000"], r"held-out essay text has only \d+ tokens"),
     (["--out", "FILE"], "is not a writable directory"),
+    (["--out", "FILE/sub"], "is not a writable directory"),
 ])
 def test_cli_eval_bad_arguments_exit_2(model_dir, tmp_path, capsys, extra, message):
     (tmp_path / "file").write_text("x")
-    extra = [str(tmp_path / "file") if a == "FILE" else a for a in extra]
+    extra = [a.replace("FILE", str(tmp_path / "file")) for a in extra]
     assert main(["eval", "--model", str(model_dir), "--device", "cpu", "--no-progress", *extra]) == 2
     err = capsys.readouterr().err
     assert re.search(message, err), err
+
+
+def test_cli_eval_checks_out_before_loading_and_writes_nothing_on_error(model_dir, tmp_path, capsys, monkeypatch):
+    import os
+
+    import hybridize.loading as loading
+
+    def no_load(*a, **k):
+        raise AssertionError("a model was loaded before --out was checked")
+
+    (tmp_path / "file").write_text("x")
+    with monkeypatch.context() as m:
+        m.setattr(loading, "load_model", no_load)
+        assert main(["eval", "--model", str(model_dir), "--out", str(tmp_path / "file"), "--device", "cpu"]) == 2
+        assert "is not a writable directory" in capsys.readouterr().err
+        if os.geteuid() != 0:  # root writes anywhere
+            locked = tmp_path / "locked"
+            locked.mkdir(mode=0o500)
+            assert main(["eval", "--model", str(model_dir), "--out", str(locked / "report"), "--device", "cpu"]) == 2
+            assert "is not a writable directory" in capsys.readouterr().err
+    # a perplexity length past the held-out text: exit 2 before any evaluation, no report written
+    out = tmp_path / "report"
+    assert main(["eval", "--model", str(model_dir), "--out", str(out), "--ppl-lengths", "64", "100000000",
+                 "--device", "cpu", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"perplexity at 100000000 tokens .* held-out text has only \d+ tokens", err), err
+    assert "lower --ppl-lengths" in err and "Traceback" not in err
+    assert not any(out.iterdir())
 
 
 @pytest.mark.parametrize("extra", [["--ppl-lengths", "0"], ["--passkey-trials", "0"], ["--buckets", "-1"],

@@ -37,6 +37,36 @@ def test_unsupported_model_type(tmp_path):
         assert supported in str(info.value)
 
 
+def test_weights_without_tokenizer_name_the_missing_tokenizer(tmp_path, capsys, monkeypatch):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hybridize.cli import main
+
+    cfg = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=1)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path)
+    with pytest.raises(TeacherNotFoundError, match="no tokenizer files in .*tokenizer.json / tokenizer_config.json") as info:
+        load_teacher(tmp_path)
+    assert "copy the tokenizer next to the weights" in str(info.value) and "corrupt" not in str(info.value)
+    for argv in (["generate", "--model", str(tmp_path), "--prompt", "x"],
+                 ["convert", "--teacher", str(tmp_path), "--out", str(tmp_path / "run")]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"no tokenizer files in {tmp_path}" in err and "corrupt" not in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_unreadable_tokenizer_is_not_reported_as_corrupt_weights(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                 num_attention_heads=2, num_key_value_heads=1)).save_pretrained(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(TeacherNotFoundError, match="could not load the tokenizer of teacher") as info:
+        load_teacher(tmp_path)
+    assert "weights" not in str(info.value).split(";")[0]
+
+
 def test_hub_id_without_network_is_clean(monkeypatch):
     # Offline mode makes the hub lookup fail fast instead of retrying DNS for ~25 s.
     # huggingface_hub reads HF_HUB_OFFLINE at import time, so patch the constant too.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -34,6 +35,37 @@ def _nonnegative_int(text: str) -> int:
     return value
 
 
+def _float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def _nonnegative_float(text: str) -> float:
+    value = _float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def _probability(text: str) -> float:
+    value = _float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
 def _convert(args) -> int:
     from .convert.pipeline import ConvertOptions, run_convert
 
@@ -51,6 +83,8 @@ def _convert(args) -> int:
         stage3=args.stage3,
         stage3_tokens=args.stage3_tokens,
         stage3_seq_len=args.stage3_seq_len,
+        stage3_batch=args.stage3_batch,
+        stage3_lr=args.stage3_lr,
         num_attention=args.num_attention,
         selection=args.selection,
         layer_types=args.layer_types,
@@ -127,9 +161,13 @@ def _generate(args) -> int:
 
 
 def _select(args) -> int:
-    from .convert.pipeline import reselect
+    from .convert.pipeline import reselect, saved_selection
 
-    m = reselect(args.run, args.selection, args.num_attention)
+    m = None if args.recompute else saved_selection(args.run, args.selection, args.num_attention)
+    if m is not None:
+        print(f"saved selection of {args.run} (pass --recompute to compute it again)")
+    else:
+        m = reselect(args.run, args.selection, args.num_attention)
     if "R" in m:
         print(f"{'layer':>5} {'R':>8} {'C':>8} {'KL':>8} {'score':>8}")
         for i in range(len(m["R"])):
@@ -180,7 +218,7 @@ def _tune_hype(args) -> int:
 
     from .assets import atomic_write_bytes
     from .convert.hype import DEFAULT_GRID, long_sequences, parse_grid, tune_hype
-    from .convert.pipeline import final_model_dir
+    from .convert.pipeline import final_model_dir, is_run_dir
     from .data import document_separator_id, load_default_corpus, load_texts, tokenize_documents
     from .loading import is_hybrid_checkpoint, load_model
     from .models.released import released_format
@@ -188,7 +226,7 @@ def _tune_hype(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     model_dir = Path(args.model)
-    if model_dir.is_dir() and not (model_dir / "config.json").exists() and any((model_dir / s).is_dir() for s in ("stage2", "stage3")):
+    if is_run_dir(model_dir):
         model_dir = final_model_dir(model_dir)
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"{args.model} is not a checkpoint directory (no config.json): tune-hype writes a into it")
@@ -275,13 +313,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seq-len", type=_positive_int, default=d.seq_len, help="training sequence length (tokens), stages 1-2")
     c.add_argument("--stage1-tokens", type=_positive_int, default=d.stage1_tokens, help="stage 1 (alignment) token budget")
     c.add_argument("--stage1-batch", type=_positive_int, default=d.stage1_batch)
-    c.add_argument("--stage1-lr", type=float, default=d.stage1_lr)
+    c.add_argument("--stage1-lr", type=_positive_float, default=d.stage1_lr, help="stage 1 peak learning rate")
     c.add_argument("--stage2-tokens", type=_positive_int, default=d.stage2_tokens, help="stage 2 (KL distillation) token budget")
     c.add_argument("--stage2-batch", type=_positive_int, default=d.stage2_batch)
-    c.add_argument("--stage2-lr", type=float, default=d.stage2_lr)
+    c.add_argument("--stage2-lr", type=_positive_float, default=d.stage2_lr, help="stage 2 peak learning rate")
     c.add_argument("--stage3", action="store_true", help="also run stage 3 (long-context fine-tune)")
     c.add_argument("--stage3-tokens", type=_positive_int, default=d.stage3_tokens)
     c.add_argument("--stage3-seq-len", type=_positive_int, default=d.stage3_seq_len)
+    c.add_argument("--stage3-batch", type=_positive_int, default=d.stage3_batch)
+    c.add_argument("--stage3-lr", type=_positive_float, default=d.stage3_lr, help="stage 3 learning rate (constant)")
     c.add_argument("--num-attention", type=int, default=None, help="attention layers to keep (default: floor(L/4))")
     c.add_argument("--selection", choices=SELECTION_METHODS, default=d.selection, help="layer selection method")
     c.add_argument("--layer-types", default=None, help="fixed schedule, one letter a layer (A attention, L lightning); skips selection")
@@ -301,18 +341,21 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available); under torchrun one GPU per process")
     c.set_defaults(func=_convert)
 
-    s = sub.add_parser("select", help="layer selection on a run with stage 1 done: per-layer R, C, KL, score and a plot")
+    s = sub.add_parser("select", help="layer selection on a run with stage 1 done: per-layer R, C, KL, score and a plot "
+                                      "(a saved selection with the same options is shown, not recomputed)")
     s.add_argument("--run", required=True, help="run directory of `hybridize convert`")
     s.add_argument("--selection", choices=SELECTION_METHODS, default=None, help="method (default: the run's)")
-    s.add_argument("--num-attention", type=int, default=None)
+    s.add_argument("--num-attention", type=int, default=None, help="attention layers to keep (default: the run's)")
+    s.add_argument("--recompute", action="store_true",
+                   help="compute the selection again even when the saved one has the same method and attention count")
     s.set_defaults(func=_select)
 
     g = sub.add_parser("generate", help="stream text from a converted checkpoint or a teacher")
     g.add_argument("--model", required=True, help="converted model dir, run dir, teacher dir, hub id, or 'smollm2'")
     g.add_argument("--prompt", required=True)
-    g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    g.add_argument("--top-p", type=float, default=0.95)
+    g.add_argument("--max-new-tokens", type=_positive_int, default=64)
+    g.add_argument("--temperature", type=_nonnegative_float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-p", type=_probability, default=0.95, help="nucleus sampling mass in (0, 1] (with --temperature > 0)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     g.add_argument("--seed", type=int, default=0)
     g.set_defaults(func=_generate)

@@ -26,32 +26,33 @@ def is_hybrid_checkpoint(path: str | Path) -> bool:
 def load_model(spec: str | None, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """``(model, tokenizer)`` for a hybrid checkpoint directory or a teacher spec.
 
-    A run directory of ``hybridize convert`` is accepted too (its final model is used). A directory in a
+    A run directory of ``hybridize convert`` is accepted too (its final model is used; FileNotFoundError
+    when the run has no finished model yet). A directory in a
     released format (HypeNet ``model_type: hypenet``, MiniCPM-SALA ``model_type: minicpm_sala`` or
     ``mixer_types`` with ``minicpm4``) is imported by :func:`hybridize.models.released.import_released`.
 
     Raises:
-        hybridize.errors.TeacherNotFoundError / UnsupportedTeacherError: as :func:`load_teacher`.
+        hybridize.errors.TeacherNotFoundError / UnsupportedTeacherError: as :func:`load_teacher`; also a
+            checkpoint directory without tokenizer files.
         hybridize.errors.CheckpointFormatError: a released checkpoint that does not match its format or
             uses an unsupported option.
     """
     from transformers import AutoTokenizer
 
-    from .convert.pipeline import final_model_dir
-    from .convert.teachers import load_teacher
+    from .convert.pipeline import final_model_dir, is_run_dir
+    from .convert.teachers import check_tokenizer_files, load_teacher
     from .models import HybridForCausalLM
     from .models.released import import_released, released_format
 
-    if spec is not None and Path(spec).is_dir() and not (Path(spec) / "config.json").exists():
-        for name in ("stage3", "stage2"):
-            if (Path(spec) / name).is_dir():
-                spec = str(final_model_dir(Path(spec)))
-                break
+    if spec is not None and is_run_dir(spec):
+        spec = str(final_model_dir(Path(spec)))
     if spec is not None and Path(spec).is_dir() and released_format(spec) is not None:
+        check_tokenizer_files(spec)
         model = import_released(spec, dtype=dtype, device=device)
         tokenizer = AutoTokenizer.from_pretrained(spec)
         return model, tokenizer
     if spec is not None and is_hybrid_checkpoint(spec):
+        check_tokenizer_files(spec)
         model = HybridForCausalLM.from_pretrained(spec, dtype=dtype).to(device).eval()
         tokenizer = AutoTokenizer.from_pretrained(spec)
         return model, tokenizer

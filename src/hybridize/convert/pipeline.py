@@ -23,7 +23,8 @@ from .distill import MODEL_DIR, run_stage2, run_stage3
 from .stage import StageDir, atomic_write_text, setup_logging
 from .trainer import TrainSettings, plan_steps
 
-__all__ = ["ConvertOptions", "run_convert", "run_selection", "reselect", "final_model_dir", "load_run_data", "split_heldout"]
+__all__ = ["ConvertOptions", "check_convert_options", "run_convert", "run_selection", "reselect", "saved_selection",
+           "final_model_dir", "is_run_dir", "load_run_data", "split_heldout"]
 
 log = logging.getLogger("hybridize")
 
@@ -76,13 +77,33 @@ class ConvertOptions:
     extra: dict = field(default_factory=dict)
 
 
+#: the stage directories a run directory of ``hybridize convert`` may hold
+RUN_STAGES = ("stage0", "stage1", "selection", "stage2", "stage3")
+
+
+def is_run_dir(path: str | Path) -> bool:
+    """True for a run directory of ``hybridize convert``: a directory with a stage directory and no
+    ``config.json`` of its own (a checkpoint directory is never taken for a run)."""
+    path = Path(path)
+    return path.is_dir() and not (path / "config.json").exists() and any((path / n).is_dir() for n in RUN_STAGES)
+
+
 def final_model_dir(run_dir: Path) -> Path:
-    """The last complete model of a run: stage 3's if it ran, else stage 2's."""
+    """The last complete model of a run: stage 3's if it ran, else stage 2's.
+
+    Raises:
+        FileNotFoundError: the run has no finished model yet (says to resume the run).
+    """
     run_dir = Path(run_dir)
     for name in ("stage3", "stage2"):
         if StageDir(run_dir, name).is_complete():
             return run_dir / name / MODEL_DIR
-    raise FileNotFoundError(f"{run_dir} has no complete stage 2 or 3; run `hybridize convert --out {run_dir}`")
+    done = [n for n in RUN_STAGES if StageDir(run_dir, n).is_complete()]
+    raise FileNotFoundError(
+        f"{run_dir} is a `hybridize convert` run with no finished model yet (no complete stage 2 or 3; "
+        f"complete: {', '.join(done) or 'none'}): resume it with `hybridize convert --out {run_dir}` and the "
+        "same options"
+    )
 
 
 def _settings(opts: ConvertOptions, stage: str) -> TrainSettings:
@@ -92,6 +113,51 @@ def _settings(opts: ConvertOptions, stage: str) -> TrainSettings:
     if stage == "stage2":
         return TrainSettings(opts.stage2_tokens, opts.seq_len, opts.stage2_batch, opts.stage2_lr, opts.stage2_lr_final, checkpoint_every=every)
     return TrainSettings(opts.stage3_tokens, opts.stage3_seq_len, opts.stage3_batch, opts.stage3_lr, opts.stage3_lr, checkpoint_every=every)
+
+
+def check_convert_options(opts: ConvertOptions, num_layers: int | None = None) -> None:
+    """Validate the options of a conversion before anything slow runs or any output is written: learning
+    rates, recipe, ``--layer-types`` letters, ``--threads`` / ``--device``, and, given the teacher's
+    ``num_layers``, the ``--layer-types`` length and ``--num-attention`` range. Token budgets are checked by
+    :func:`~hybridize.convert.trainer.plan_steps`.
+
+    Raises:
+        ValueError: names the flag, the value and what is accepted.
+    """
+    import math
+
+    from ..models import layer_types_from_str
+
+    for flag, lr in (("--stage1-lr", opts.stage1_lr), ("--stage2-lr", opts.stage2_lr), ("--stage3-lr", opts.stage3_lr)):
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and lr > 0):
+            raise ValueError(f"{flag} must be a finite number > 0 (a learning rate such as 1e-3), got {lr!r}")
+    if opts.recipe not in RECIPES:
+        raise ValueError(f"unknown recipe {opts.recipe!r}; choose one of {RECIPES}")
+    if opts.threads is not None and opts.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {opts.threads}")
+    if opts.device is not None and opts.device.split(":")[0] not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu or cuda, got {opts.device!r}")
+    if opts.device is not None and opts.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda was given but this torch has no CUDA device; omit --device or use cpu")
+    layer_types = None
+    if opts.layer_types is not None:
+        if not opts.layer_types:
+            raise ValueError("--layer-types is empty: give one letter a layer (A attention, L lightning, S sparse)")
+        try:
+            layer_types = layer_types_from_str(opts.layer_types)
+        except ValueError as exc:
+            raise ValueError(f"--layer-types: {exc}") from None
+    if num_layers is None:
+        return
+    if layer_types is not None and len(layer_types) != num_layers:
+        raise ValueError(
+            f"--layer-types {opts.layer_types!r} has {len(layer_types)} letters but the teacher has {num_layers} "
+            f"layers: give exactly {num_layers} letters (A attention, L lightning, S sparse)"
+        )
+    if opts.num_attention is not None and not 0 <= opts.num_attention <= num_layers:
+        raise ValueError(
+            f"--num-attention must be in [0, {num_layers}] (the teacher has {num_layers} layers), got {opts.num_attention}"
+        )
 
 
 def run_selection(teacher, tokenizer, run_dir: Path, opts: ConvertOptions, heldout_general: torch.Tensor, inputs: dict) -> dict:
@@ -117,19 +183,16 @@ def run_selection(teacher, tokenizer, run_dir: Path, opts: ConvertOptions, heldo
     stage = StageDir(run_dir, "selection")
     if stage.is_complete():
         return stage.manifest()
-    stage.begin()
     n = teacher.config.num_hidden_layers
+    check_convert_options(opts, n)
+    stage.begin()
     k = opts.num_attention if opts.num_attention is not None else n // 4
-    if opts.recipe not in RECIPES:
-        raise ValueError(f"unknown recipe {opts.recipe!r}; choose one of {RECIPES}")
     # SALA (MiniCPM-SALA report): the first and last layers always stay (sparse) attention; HALO ranks the rest
     fixed = [0, n - 1] if opts.recipe == "sala" else []
     if opts.recipe == "sala":
         k = max(k, 2)
     if opts.layer_types:
         layer_types = layer_types_from_str(opts.layer_types)
-        if len(layer_types) != n:
-            raise ValueError(f"--layer-types has {len(layer_types)} letters, the teacher has {n} layers")
         return stage.complete(inputs, 0, None, {"method": "given", "layer_types": layer_types})
     sweep, scores = None, None
     if opts.selection in ("halo", "recall-drop", "kl-guided"):
@@ -263,45 +326,72 @@ def run_convert(opts: ConvertOptions) -> dict:
         hybridize.errors.HybridizeError subclasses for bad input (teacher, data, budgets), before any
         stage output is written where possible.
     """
-    from ..data import document_separator_id, pack_sequences
+    from ..data import document_separator_id
     from .distributed import init_distributed
-    from .teachers import load_teacher
+    from .teachers import load_teacher, teacher_num_layers
 
     t_start = time.time()
     ctx = init_distributed(opts.device)
     run_dir = Path(opts.out)
-    if opts.threads is not None and opts.threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {opts.threads}")
-    if opts.device is not None and opts.device.split(":")[0] not in ("cpu", "cuda"):
-        raise ValueError(f"--device must be cpu or cuda, got {opts.device!r}")
-    if opts.device is not None and opts.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda was given but this torch has no CUDA device; omit --device or use cpu")
+    # validate options, budgets and the output path before any heavy work or output
+    check_convert_options(opts, teacher_num_layers(opts.teacher))
+    stages = ("stage1", "stage2", "stage3") if opts.stage3 else ("stage1", "stage2")
+    for name in stages:
+        plan_steps(_settings(opts, name), None, name)
+    _check_run_dir(run_dir, opts)
     if opts.threads:
         torch.set_num_threads(opts.threads)
     torch.manual_seed(opts.seed)
-    # validate budgets before any heavy work
-    plan_steps(_settings(opts, "stage1"), None, "stage1")
-    plan_steps(_settings(opts, "stage2"), None, "stage2")
-    if opts.stage3:
-        plan_steps(_settings(opts, "stage3"), None, "stage3")
 
-    _check_run_dir(run_dir, opts)
     teacher, tokenizer = load_teacher(opts.teacher, device=str(ctx.device))
+    check_convert_options(opts, teacher.config.num_hidden_layers)  # a hub id's layer count is known only now
     eos = document_separator_id(tokenizer)
     train_tok, heldout_tok, data_desc = load_run_data(opts, tokenizer)
-    train_seqs = pack_sequences(train_tok, opts.seq_len, eos)
+    user_data = bool(opts.data)
+    train_seqs = _pack(train_tok, opts.seq_len, eos, "--seq-len", user_data)
+    long_seqs = _pack(train_tok, opts.stage3_seq_len, eos, "--stage3-seq-len", user_data) if opts.stage3 else None
+    for name, seqs in (("stage1", train_seqs), ("stage2", train_seqs), ("stage3", long_seqs)):
+        if seqs is not None:
+            plan_steps(_settings(opts, name), seqs.shape[0], name)
+    heldout_general = _pack(heldout_tok, opts.seq_len, eos, "--seq-len", user_data, heldout=True, max_sequences=8)
     with _run_lock(run_dir, ctx.is_main):
-        return _run_stages(opts, ctx, run_dir, teacher, tokenizer, eos, train_tok, heldout_tok, train_seqs, data_desc, t_start)
+        return _run_stages(opts, ctx, run_dir, teacher, tokenizer, eos, heldout_tok, train_seqs, long_seqs,
+                           heldout_general, data_desc, t_start)
 
 
-def _run_stages(opts, ctx, run_dir, teacher, tokenizer, eos, train_tok, heldout_tok, train_seqs, data_desc, t_start) -> dict:
+def _pack(docs, seq_len: int, eos: int, seq_flag: str, user_data: bool, heldout: bool = False,
+          max_sequences: int | None = None) -> torch.Tensor:
+    """:func:`~hybridize.data.pack_sequences` of the training (or ``heldout``) text whose error says which text
+    is too short, where it comes from, and the fixes (more ``--data``, a lower ``seq_flag``)."""
     from ..data import pack_sequences
+    from ..errors import DataError
+
+    try:
+        return pack_sequences(docs, seq_len, eos, max_sequences=max_sequences)
+    except DataError:
+        total = sum(len(d) + 1 for d in docs if len(d) > 0)
+        if heldout:
+            what = "held-out text"
+            where = ("every 10th document of --data; the last document when there are fewer than 10, or the last "
+                     "10% of a single document" if user_data else "the held-out split of the bundled corpus")
+            use = "layer selection and evaluation score on it"
+        else:
+            what = "training text"
+            where = "the documents of --data that are not held out" if user_data else "the bundled corpus"
+            use = "the stages train on it"
+        raise DataError(
+            f"the {what} ({where}) has only {total} tokens (separators included), fewer than one sequence of "
+            f"{seq_flag} {seq_len} ({use}): give more text with --data or lower {seq_flag}"
+        ) from None
+
+
+def _run_stages(opts, ctx, run_dir, teacher, tokenizer, eos, heldout_tok, train_seqs, long_seqs, heldout_general, data_desc,
+                t_start) -> dict:
     from .distributed import barrier
 
     run_dir.mkdir(parents=True, exist_ok=True)
     setup_logging(run_dir / "convert.log" if ctx.is_main else None, logging.INFO if ctx.is_main else logging.WARNING)
     log.info("run directory %s; teacher %s", run_dir, opts.teacher or "smollm2 (embedded)")
-    heldout_general = pack_sequences(heldout_tok, opts.seq_len, eos, max_sequences=8)
     log.info("training data: %d sequences of %d tokens", train_seqs.shape[0], opts.seq_len)
     inputs = {"teacher": opts.teacher or "smollm2-135m-instruct (embedded)", "data": data_desc, "options": asdict(opts)}
     if ctx.enabled:
@@ -314,7 +404,6 @@ def _run_stages(opts, ctx, run_dir, teacher, tokenizer, eos, train_tok, heldout_
     layer_types = selection["layer_types"]
     summary["stage2"] = run_stage2(teacher, tokenizer, train_seqs, run_dir, layer_types, _settings(opts, "stage2"), inputs, seed=opts.seed)
     if opts.stage3:
-        long_seqs = pack_sequences(train_tok, opts.stage3_seq_len, eos)
         summary["stage3"] = run_stage3(tokenizer, long_seqs, run_dir, _settings(opts, "stage3"), inputs, seed=opts.seed)
     if opts.eval and ctx.is_main:
         from .evaluate import evaluate_run
@@ -324,6 +413,22 @@ def _run_stages(opts, ctx, run_dir, teacher, tokenizer, eos, train_tok, heldout_
     summary["wall_time_s"] = round(time.time() - t_start, 1)
     log.info("convert finished in %.1f min; model in %s", summary["wall_time_s"] / 60, final_model_dir(run_dir))
     return summary
+
+
+def saved_selection(run_dir: Path, method: str | None = None, num_attention: int | None = None) -> dict | None:
+    """The complete selection manifest of ``run_dir`` when it answers the request, else None.
+
+    ``method`` / ``num_attention`` None means "whatever the saved selection used"; a given value must equal the
+    saved one. A schedule given with ``--layer-types`` (method ``given``) has no scores and is never returned.
+    """
+    m = StageDir(run_dir, "selection").manifest()
+    if m is None or m.get("method") == "given" or "attention_layers" not in m:
+        return None
+    if method is not None and method != m.get("method"):
+        return None
+    if num_attention is not None and num_attention != m.get("num_attention"):
+        return None
+    return m
 
 
 def reselect(run_dir: Path, method: str | None = None, num_attention: int | None = None) -> dict:
@@ -337,7 +442,7 @@ def reselect(run_dir: Path, method: str | None = None, num_attention: int | None
     import shutil
 
     from ..data import document_separator_id, pack_sequences
-    from .teachers import load_teacher
+    from .teachers import load_teacher, teacher_num_layers
 
     stage1 = StageDir(run_dir, "stage1").manifest()
     if stage1 is None:
@@ -346,12 +451,12 @@ def reselect(run_dir: Path, method: str | None = None, num_attention: int | None
     opts.selection = method or opts.selection
     opts.num_attention = num_attention if num_attention is not None else opts.num_attention
     opts.layer_types = None
+    opts.device = None  # selection runs where the teacher loads here (the CPU), whatever device the run trained on
     from .select import SELECTION_METHODS
 
+    check_convert_options(opts, teacher_num_layers(opts.teacher))
     teacher, tokenizer = load_teacher(opts.teacher)
-    n = teacher.config.num_hidden_layers
-    if opts.num_attention is not None and not 0 <= opts.num_attention <= n:
-        raise ValueError(f"--num-attention must be in [0, {n}], got {opts.num_attention}")
+    check_convert_options(opts, teacher.config.num_hidden_layers)
     if opts.selection not in SELECTION_METHODS:
         raise ValueError(f"unknown selection method {opts.selection!r}; choose one of {SELECTION_METHODS}")
     _, heldout_tok, _ = load_run_data(opts, tokenizer)

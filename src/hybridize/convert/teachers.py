@@ -38,6 +38,9 @@ __all__ = [
     "load_teacher",
     "teacher_info",
     "default_teacher_dir",
+    "teacher_num_layers",
+    "check_tokenizer_files",
+    "TOKENIZER_FILES",
 ]
 
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("llama", "qwen3")
@@ -173,6 +176,47 @@ def _read_local_config(path: Path) -> dict[str, Any]:
     return config
 
 
+#: files of which a Hugging Face tokenizer directory holds at least one
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def check_tokenizer_files(path: str | os.PathLike[str]) -> None:
+    """Raise unless the checkpoint directory ``path`` holds tokenizer files (any of :data:`TOKENIZER_FILES`).
+
+    Raises:
+        TeacherNotFoundError: names the directory, the files looked for, and the fix.
+    """
+    path = Path(path)
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise TeacherNotFoundError(
+            f"no tokenizer files in {path} (tokenizer.json / tokenizer_config.json); copy the tokenizer next to "
+            "the weights (e.g. tokenizer.save_pretrained(DIR), or the tokenizer files of the original model)"
+        )
+
+
+def teacher_num_layers(name_or_path: str | os.PathLike[str] | None) -> int | None:
+    """The teacher's ``num_hidden_layers`` read from its ``config.json`` without loading any weights.
+
+    Known for a local checkpoint directory and for the default teacher once it is built; None where finding
+    it would need the network (a hub id) or a build, or the config is unreadable (:func:`load_teacher` then
+    reports the problem).
+    """
+    name = None if name_or_path is None else os.fspath(name_or_path)
+    if name is None or name == DEFAULT_TEACHER:
+        path = default_teacher_dir()
+        if not (path / _MARKER).is_file():
+            return None
+    else:
+        path = Path(name).expanduser()
+        if not path.is_dir():
+            return None
+    try:
+        layers = _read_local_config(path).get("num_hidden_layers")
+    except (TeacherNotFoundError, UnsupportedTeacherError, OSError):
+        return None
+    return layers if isinstance(layers, int) and not isinstance(layers, bool) else None
+
+
 def _looks_like_path(name: str) -> bool:
     """True for strings that can only be filesystem paths (hub ids are 'name' or 'org/name')."""
     return (
@@ -188,17 +232,24 @@ def _from_pretrained(source: str, dtype: torch.dtype, where: str):
 
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(source)
     except OSError as exc:
         raise TeacherNotFoundError(
             f"could not load teacher {where}: {str(exc).strip().splitlines()[0]} "
-            f"(missing weights/tokenizer files, or no network). {_ACCEPTED}"
+            f"(missing weights files, or no network). {_ACCEPTED}"
         ) from exc
     except Exception as exc:  # corrupt or truncated weights: safetensors/torch raise many types
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise TeacherNotFoundError(
             f"could not read the weights of teacher {where} ({type(exc).__name__}: {first}); the checkpoint "
             "files look corrupt or incomplete: download them again"
+        ) from exc
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except Exception as exc:  # missing or unreadable tokenizer files: OSError, ValueError, JSON errors, ...
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise TeacherNotFoundError(
+            f"could not load the tokenizer of teacher {where} ({type(exc).__name__}: {first}); put the model's "
+            "tokenizer files (tokenizer.json / tokenizer_config.json) next to the weights"
         ) from exc
     return model, tokenizer
 
@@ -226,8 +277,8 @@ def load_teacher(
         separator; chat template kept.
 
     Raises:
-        TeacherNotFoundError: the path does not exist / has no config.json / no weights, or the
-            hub id could not be fetched (no network, unknown repo).
+        TeacherNotFoundError: the path does not exist / has no config.json / no weights / no tokenizer
+            files, or the hub id could not be fetched (no network, unknown repo).
         UnsupportedTeacherError: ``config.model_type`` is not in :data:`SUPPORTED_MODEL_TYPES`.
         AssetError: the default teacher's GGUF could not be downloaded (message says what to
             fetch by hand).
@@ -254,6 +305,7 @@ def load_teacher(
                 raise TeacherNotFoundError(f"teacher path {path} is a file, not a checkpoint directory. {_ACCEPTED}")
             config = _read_local_config(path)
             _check_model_type(config.get("model_type"), f"directory {path}")
+            check_tokenizer_files(path)
             model, tokenizer = _from_pretrained(str(path), torch_dtype, f"directory {path}")
         elif _looks_like_path(name):
             raise TeacherNotFoundError(f"teacher path {path} does not exist. {_ACCEPTED}")

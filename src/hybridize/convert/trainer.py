@@ -15,7 +15,7 @@ from .distributed import all_reduce_mean, context, load_full_
 from .flops import mfu
 from .stage import StageDir, cosine_lr, make_optimizer
 
-__all__ = ["TrainSettings", "TrainResult", "train", "plan_steps"]
+__all__ = ["TrainSettings", "TrainResult", "train", "plan_steps", "STAGE_FLAGS"]
 
 log = logging.getLogger("hybridize")
 
@@ -80,28 +80,39 @@ class TrainResult:
         }
 
 
+#: ``hybridize convert`` flags that set each stage's (token budget, batch size, sequence length), for messages
+STAGE_FLAGS = {
+    "stage1": ("--stage1-tokens", "--stage1-batch", "--seq-len"),
+    "stage2": ("--stage2-tokens", "--stage2-batch", "--seq-len"),
+    "stage3": ("--stage3-tokens", "--stage3-batch", "--stage3-seq-len"),
+}
+
+
 def plan_steps(settings: TrainSettings, available_sequences: int | None = None, stage: str = "stage") -> int:
     """Optimizer steps the budget buys.
 
     Raises:
-        BudgetError: if the budget is smaller than one batch (names the numbers and the flag to raise).
+        BudgetError: if the budget is smaller than one batch (names the numbers and the flags of ``stage``
+            to change, :data:`STAGE_FLAGS`).
     """
+    tokens_flag, batch_flag, seq_flag = STAGE_FLAGS.get(stage, ("the token budget", "the batch size", "the sequence length"))
     if settings.batch_size < 1 or settings.seq_len < 1:
         raise BudgetError(
-            f"{stage}: batch size ({settings.batch_size}) and sequence length ({settings.seq_len}) must be >= 1"
+            f"{stage}: batch size ({settings.batch_size}) and sequence length ({settings.seq_len}) must be >= 1; "
+            f"set {batch_flag} / {seq_flag}"
         )
     per_step = settings.batch_size * settings.seq_len
     steps = settings.tokens // per_step
     if steps < 1:
         raise BudgetError(
             f"{stage}: a budget of {settings.tokens} tokens is smaller than one batch "
-            f"({settings.batch_size} x {settings.seq_len} = {per_step} tokens); raise the {stage} token budget "
-            "or lower --batch-size / --seq-len"
+            f"({settings.batch_size} x {settings.seq_len} = {per_step} tokens); raise {tokens_flag} "
+            f"or lower {batch_flag} / {seq_flag}"
         )
     if available_sequences is not None and available_sequences < settings.batch_size:
         raise BudgetError(
             f"{stage}: the training data packs into {available_sequences} sequences of {settings.seq_len} tokens, "
-            f"fewer than one batch of {settings.batch_size}; give more text (--data) or lower --seq-len/--batch-size"
+            f"fewer than one batch of {settings.batch_size}; give more text (--data) or lower {seq_flag} / {batch_flag}"
         )
     return steps
 
@@ -140,7 +151,7 @@ def train(
     if settings.batch_size % ctx.world_size:
         raise BudgetError(
             f"{stage.name}: batch size {settings.batch_size} does not split over {ctx.world_size} processes; "
-            "use a batch size that is a multiple of the number of processes"
+            f"set {STAGE_FLAGS.get(stage.name, ('', 'the batch size'))[1]} to a multiple of the number of processes"
         )
     optimizer = make_optimizer(list(params.values()), settings.lr)
     warmup = min(settings.warmup, max(1, steps // 10))
