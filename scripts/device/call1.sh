@@ -1,23 +1,23 @@
 #!/usr/bin/env bash
-# H200 call 1 of 3 (2-GPU machine). GPU 0: every GPU-marked test, then the sparse-attention benchmark (issue 5).
-# GPU 1: `hybridize bench` of the 8B-shaped hybrids (issue 6). Also stashes the first half of the teacher GGUF.
+# H200 call 1 of 3 (2-GPU machine; stashes the first half of the teacher GGUF for call 2).
+# GPU 0: the tiny-teacher conversion on CUDA first (catches a broken training path before call 2 needs it),
+#        then tests/test_gpu.py (issue 3).  GPU 1: the sparse and CUDA-graph GPU tests (issues 5, 6).
+# Measured 2026-11-29: fla autotunes per new shape (~100 s before the first training step, ~4 s per test),
+# so the GPU tests are split over both GPUs and each half gets the whole call.
 source scripts/device/common.sh
-W=/root/w1; mkdir -p $W /root/bench
+W=/root/w1; mkdir -p $W
 cp .gpu1/gguf.partaa /root/stash/ && tar xJf .gpu1/assets.tar.xz -C "$HYBRIDIZE_CACHE"
+PYTEST="python3 -m pytest -m gpu -q -rfEs -p no:cacheprovider"
 (
   export CUDA_VISIBLE_DEVICES=0
-  timeout 330 python3 -m pytest -m gpu tests/test_gpu.py tests/test_sparse_gpu.py tests/test_graph_decode_gpu.py tests/test_convert.py -q -rfEs -p no:cacheprovider --junitxml=$W/gpu_tests.xml > $W/gpu_tests.log 2>&1
-  echo "gpu tests rc $?" >> $W/gpu_tests.log
-  timeout $(left) python3 benchmarks/sparse_attention.py --time-budget 120 --out $W/sparse_attention_h200.json > $W/sparse_attention.log 2>&1
-  echo "sparse bench rc $?" >> $W/sparse_attention.log
+  timeout $(( $(left) - 10 )) $PYTEST tests/test_convert.py tests/test_gpu.py --junitxml=$W/tests_gpu0.xml > $W/tests_gpu0.log 2>&1
+  echo "rc $?" >> $W/tests_gpu0.log
 ) &
 (
   export CUDA_VISIBLE_DEVICES=1
-  timeout $(( $(left) - 10 )) python3 -m hybridize bench --presets hypenet-8b sala-8b --total-budget $(( $(left) - 60 )) \
-      --profile --commit "$HYBRIDIZE_GIT_COMMIT" --out /root/bench > $W/bench_call1.log 2>&1
-  echo "bench rc $?" >> $W/bench_call1.log
+  timeout $(( $(left) - 10 )) $PYTEST tests/test_sparse_gpu.py tests/test_graph_decode_gpu.py --junitxml=$W/tests_gpu1.xml > $W/tests_gpu1.log 2>&1
+  echo "rc $?" >> $W/tests_gpu1.log
 ) &
 wait
-cp -r /root/bench $W/bench
-tail -n 5 $W/gpu_tests.log $W/sparse_attention.log $W/bench_call1.log
+tail -n 15 $W/tests_gpu0.log $W/tests_gpu1.log
 pack call1 $W
