@@ -488,3 +488,18 @@ def test_on_hybrid_model_when_available():
     fixed = 3 * HEADS * HEAD_DIM * HEAD_DIM * 4  # three Lightning states [H, d, d] fp32
     assert f["bytes_per_token"] == per_token and f["fixed_bytes"] == fixed
     assert s["cache_bytes"] == 2 * (fixed + (24 + 6) * per_token)
+
+
+def test_report_files_get_the_default_mode(tmp_path):
+    """Reports are written atomically through a temporary file, then given the umask's mode (not mkstemp's 0600)."""
+    import os
+
+    from hybridize.eval.report import write_report
+
+    old = os.umask(0o022)
+    try:
+        paths = write_report({"metrics": {"m": {"ppl_512": 1.0}}, "details": {}}, tmp_path)
+    finally:
+        os.umask(old)
+    for p in paths.values():
+        assert (os.stat(p).st_mode & 0o777) == 0o644, p

@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .. import __version__
+from ..assets import atomic_write_bytes
 
 __all__ = [
     "StageDir",
@@ -51,11 +52,9 @@ def git_commit() -> str | None:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file and ``os.replace`` (never a half-written file)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    """Write ``text`` (UTF-8) to ``path`` atomically: a unique temporary file in the same folder, fsync,
+    ``os.replace`` (never a half-written file); the file gets the umask's default mode."""
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def save_tensors_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:

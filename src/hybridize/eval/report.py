@@ -30,7 +30,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -46,6 +45,7 @@ __all__ = [
     "plot_report",
 ]
 
+from ..assets import atomic_write_bytes
 from ..models.configuration import LAYER_LETTERS
 
 #: Our mixer letters (models.configuration.LAYER_LETTERS) plus the names transformers uses for teachers.
@@ -254,19 +254,7 @@ def _jsonable(x: Any) -> Any:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def _pos_tag(n: int) -> str:
