@@ -48,6 +48,7 @@ def test_bench_cli_end_to_end(tmp_path, capsys):
     hybrid = rows[("tiny", 160)]
     assert set(hybrid["prefill_breakdown_s"]) >= {"attention", "lightning", "sparse", "mlp", "other"}
     assert hybrid["graph"] is False and hybrid["decode_attention"] == "split"
+    assert hybrid["prefill_attention"] == "sdpa" and hybrid["prefill_attention_error"] is None
     prof = hybrid["decode_profile"]
     assert prof["steps"] == 3 and prof["kernels_per_step"] > 10 and prof["top"][0]["ms_per_step"] > 0
     assert data["presets"]["tiny"]["schedule"] == "SLAL" and data["presets"]["tiny"]["warmup"]["status"] == "ok"
@@ -118,6 +119,28 @@ def test_time_budget_skips_predicted_overruns(tmp_path, monkeypatch):
     assert main([*ARGS, "--presets", "tiny", "--out", str(out), "--no-warmup", "--time-budget", "30"]) == 0
     rows = {r["context"]: r for r in _load(out)["results"]}
     assert rows[64]["status"] == "ok" and rows[160]["status"] == "skipped" and "time budget" in rows[160]["reason"]
+
+
+@pytest.mark.parametrize("impl", ["split", "flex"])
+def test_bench_prefill_attention_is_applied_and_recorded(tmp_path, monkeypatch, impl):
+    from hybridize.ops import attention as attention_ops
+
+    name = {"split": "_split_prefill", "flex": "_flex_prefill"}[impl]
+    real, calls = getattr(attention_ops, name), []
+    monkeypatch.setattr(attention_ops, name, lambda *a: calls.append(a[0].shape) or real(*a))
+    monkeypatch.setattr(attention_ops, "_prefill_errors", {})
+    out = tmp_path / impl
+    assert main([*ARGS, "--presets", "tiny", "--no-warmup", "--prefill-attention", impl, "--out", str(out)]) == 0
+    rows = _load(out)["results"]
+    assert [(r["status"], r["prefill_attention"], r["prefill_attention_error"]) for r in rows] == [("ok", impl, None)] * 2
+    assert calls  # 160 tokens in 64-token chunks: chunks over the cache reached the candidate
+    assert attention_ops.prefill_attention() == "sdpa"  # applied for the prefill only
+
+
+def test_bench_rejects_a_bad_prefill_attention_env(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HYBRIDIZE_PREFILL_ATTENTION", "fast")
+    assert main([*ARGS, "--presets", "tiny", "--out", str(tmp_path)]) == 2
+    assert "HYBRIDIZE_PREFILL_ATTENTION" in capsys.readouterr().err
 
 
 def test_bench_rejects_bad_arguments(capsys):

@@ -280,6 +280,7 @@ def _bench(args) -> int:
         time_budget=args.time_budget if args.time_budget > 0 else None,
         total_budget=args.total_budget,
         decode_attention=args.decode_attention,
+        prefill_attention=args.prefill_attention,
         graph=not args.no_graph,
         compile=args.compile,
         seed=args.seed,
@@ -415,6 +416,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--total-budget", type=float, default=None, help="skip measurements predicted to end after this many seconds of the run")
     b.add_argument("--decode-attention", default="auto", choices=["auto", "flex", "split"],
                    help="decode attention over the static cache (auto: flex on CUDA, split if flex fails)")
+    b.add_argument("--prefill-attention", default=None, choices=["sdpa", "split", "flex"],
+                   help="attention of each prefill chunk over the cache: sdpa (one lower-right causal SDPA call), "
+                        "split (prefix + own chunk on SDPA's kernels, merged by log-sum-exp) or flex (FlexAttention, "
+                        "compiled); default: $HYBRIDIZE_PREFILL_ATTENTION or sdpa. Candidates other than sdpa are "
+                        "unmeasured; rows record the choice (use one --out per choice: runs merge by preset/length)")
     b.add_argument("--no-graph", action="store_true", help="decode eagerly instead of replaying a CUDA graph")
     b.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step before capturing it (fuses small kernels; falls back if it fails)")

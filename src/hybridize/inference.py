@@ -10,9 +10,10 @@ or with plain forward calls.
 What grows with the context during a chunked prefill is only the cache itself (the KV of attention/sparse
 layers; Lightning states are fixed): logits are computed for the last position only (``logits_to_keep=1``,
 never ``[T, vocab]``); positions, RoPE tables and HyPE factors are per chunk; attention over the cache is
-causal aligned to the last key without a mask on CUDA (flash through torch's lower-right ``CausalBias``,
-K/V never repeated), while on CPU that mask is materialised once per chunk and layer (``[chunk, T]`` bools,
-bounded by chunk * context). With a :class:`~hybridize.models.static_cache.StaticHybridCache` the KV is
+causal aligned to the last key (:func:`~hybridize.ops.attention.prefill_chunk_attention`; by default
+``sdpa``: torch's lower-right ``CausalBias``, FlashAttention-2 on CUDA with K/V never repeated, a ``[chunk, T]``
+boolean mask per chunk and layer on CPU; the candidates ``split`` and ``flex`` are chosen with
+``HYBRIDIZE_PREFILL_ATTENTION`` or :func:`~hybridize.ops.attention.use_prefill_attention`). With a :class:`~hybridize.models.static_cache.StaticHybridCache` the KV is
 written in place instead of being concatenated (no copy of the whole cache per chunk).
 
 :class:`GraphDecoder` decodes over a static cache with the one-token step captured in a CUDA graph.
@@ -55,6 +56,10 @@ def chunked_prefill(
             ``past`` is the length already in ``cache`` (0 without one).
         cache: a cache to continue from (e.g. an earlier chunked_prefill), or None for a fresh
             :class:`HybridCache`; a :class:`~hybridize.models.static_cache.StaticHybridCache` is written in place.
+
+    The attention of each chunk over the cache runs the implementation in force
+    (:func:`~hybridize.ops.attention.prefill_attention`: ``$HYBRIDIZE_PREFILL_ATTENTION`` or
+    ``with use_prefill_attention("split"):`` around the call; ``sdpa`` by default).
 
     Returns:
         ``(last_logits, cache)``: ``last_logits`` ``[B, vocab]`` are the logits of the last prompt position

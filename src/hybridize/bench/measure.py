@@ -244,6 +244,7 @@ def measure_hybrid(
     *,
     chunk_size: int,
     decode_attention: str = "auto",
+    prefill_attention: str | None = None,
     use_graph: bool | None = None,
     compile: bool = False,
     seed: int = 0,
@@ -259,6 +260,11 @@ def measure_hybrid(
         decode_tokens: timed greedy steps (>= 1).
         chunk_size: prefill chunk.
         decode_attention, use_graph, compile: passed to :class:`~hybridize.inference.GraphDecoder`.
+        prefill_attention: ``"sdpa"``, ``"split"`` or ``"flex"``: the attention of each prefill chunk over the
+            cache (:func:`~hybridize.ops.attention.prefill_chunk_attention`, applied with
+            :func:`~hybridize.ops.attention.use_prefill_attention`); None = ``$HYBRIDIZE_PREFILL_ATTENTION`` or
+            ``"sdpa"``. The row records it (``prefill_attention``) and, when the candidate failed and ``sdpa``
+            ran instead, why (``prefill_attention_error``).
         seed: prompt ids seed.
         breakdown: also time the prefill per module kind (``prefill_breakdown_s``).
         profile: after the timed steps, profile 3 more (graph replays when captured) with ``torch.profiler``:
@@ -271,6 +277,8 @@ def measure_hybrid(
         the measurement row (see the module docstring); errors propagate (out-of-memory included).
     """
     from ..inference import GraphDecoder
+    from ..ops.attention import prefill_attention_error, use_prefill_attention
+    from ..ops.attention import prefill_attention as current_prefill_attention
 
     state = state if state is not None else {}
     device = model.get_input_embeddings().weight.device
@@ -290,12 +298,14 @@ def measure_hybrid(
         state["stage"] = "prefill"
         hooks = _Breakdown(model, device) if breakdown else None
         try:
-            sync(device)
-            t0 = time.perf_counter()
-            decoder.prefill(ids)
-            _ = decoder.next_token
-            sync(device)
-            ttft = time.perf_counter() - t0
+            with use_prefill_attention(prefill_attention):
+                prefill_impl = current_prefill_attention()
+                sync(device)
+                t0 = time.perf_counter()
+                decoder.prefill(ids)
+                _ = decoder.next_token
+                sync(device)
+                ttft = time.perf_counter() - t0
             state["ttft_s"] = _rounded(ttft)
         finally:
             parts = hooks.close() if hooks is not None else None
@@ -314,6 +324,8 @@ def measure_hybrid(
             "decode_ms_per_token": _rounded(1000 * decode_s / decode_tokens),
             "peak_memory_bytes": peak_memory(device),
             "prefill_tokens_per_s": _rounded(context / ttft),
+            "prefill_attention": prefill_impl,
+            "prefill_attention_error": prefill_attention_error(prefill_impl),
             "cache_bytes": decoder.cache.nbytes(),
             "graph": decoder.graph is not None,
             "graph_error": decoder.graph_error,
@@ -384,6 +396,7 @@ def measure_hf(
         "prefill_tokens_per_s": _rounded(context / ttft),
         "cache_bytes": cache_bytes,
         "graph": False,
+        "prefill_attention": "sdpa (transformers)",
         "decode_attention": "sdpa (transformers)",
     }
     del cache

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from ..ops.attention import PREFILL_ATTENTION_IMPLS, prefill_attention
 from . import measure
 from .presets import PRESETS, Preset, build_model, layer_schedule
 from .report import load_results, merge_rows, write_markdown, write_plots, write_results
@@ -53,6 +54,9 @@ class BenchOptions:
         time_budget: seconds one measurement may take (predicted); longer ones are skipped. None = no limit.
         total_budget: seconds the whole call may take (predicted); later measurements are skipped. None = no limit.
         decode_attention: ``auto`` / ``flex`` / ``split`` (see :class:`~hybridize.inference.GraphDecoder`).
+        prefill_attention: ``sdpa`` / ``split`` / ``flex``: attention of each prefill chunk over the cache (see
+            :func:`~hybridize.ops.attention.prefill_chunk_attention`); None = ``$HYBRIDIZE_PREFILL_ATTENTION``
+            or ``sdpa``. Recorded per row.
         graph: capture the decode step in a CUDA graph (CUDA only).
         compile: run the decode step's forward through ``torch.compile`` before capturing it (opt-in).
         seed: weights and prompt seed.
@@ -73,6 +77,7 @@ class BenchOptions:
     time_budget: float | None = 300.0
     total_budget: float | None = None
     decode_attention: str = "auto"
+    prefill_attention: str | None = None
     graph: bool = True
     compile: bool = False
     seed: int = 0
@@ -137,6 +142,9 @@ def _validate(opts: BenchOptions) -> tuple[torch.device, torch.dtype]:
         raise ValueError("decode_tokens and chunk_size must be >= 1")
     if opts.decode_attention not in ("auto", "flex", "split"):
         raise ValueError(f"decode_attention must be auto, flex or split, got {opts.decode_attention!r}")
+    if opts.prefill_attention is not None and opts.prefill_attention not in PREFILL_ATTENTION_IMPLS:
+        raise ValueError(f"prefill_attention must be one of {PREFILL_ATTENTION_IMPLS}, got {opts.prefill_attention!r}")
+    prefill_attention()  # a bad HYBRIDIZE_PREFILL_ATTENTION fails here, not in the first prefill
     name = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -192,6 +200,7 @@ def _measure(preset: Preset, model, context: int, opts: BenchOptions, state: dic
         opts.decode_tokens,
         chunk_size=opts.chunk_size,
         decode_attention=opts.decode_attention,
+        prefill_attention=opts.prefill_attention,
         use_graph=opts.graph,
         compile=opts.compile,
         seed=opts.seed,
@@ -284,6 +293,7 @@ def run_bench(opts: BenchOptions, log=_print) -> dict:
                             device, warm_state)
             data["presets"][name]["warmup"] = {"context": w, "seconds": round(time.perf_counter() - t0, 2),
                                                "status": warm.get("status"), "graph": warm.get("graph"),
+                                               "prefill_attention": warm.get("prefill_attention"),
                                                "decode_attention": warm.get("decode_attention"),
                                                "graph_error": warm.get("graph_error"), "error": warm.get("error")}
             _free(device)
@@ -363,7 +373,8 @@ def _line(row: dict) -> str:
     return head + (
         f"TTFT {row['ttft_s']:.3f} s, decode {row['decode_ms_per_token']:.3f} ms/token "
         f"({100 * roof.get('achieved_fraction', 0):.0f}% of roofline {roof.get('ms_per_token', 0):.3f} ms), "
-        f"peak {mem:.2f} GiB, graph {row.get('graph')} ({row.get('decode_attention')}"
+        f"peak {mem:.2f} GiB, prefill attention {row.get('prefill_attention')}, "
+        f"graph {row.get('graph')} ({row.get('decode_attention')}"
         + (", compiled)" if row.get("compiled_step") else ")")
     )
 

@@ -6,16 +6,21 @@ past the training length.
 
 Dispatch (:mod:`hybridize.ops.backend`): the fast path is torch SDPA everywhere (flash / memory-efficient
 kernels on CUDA, with ``is_causal=True`` when no mask is needed and ``enable_gqa=True`` instead of copying
-KV heads); the reference path (:func:`eager_attention`) is plain matmul + softmax in fp32. Packed
+KV heads); the reference path (:func:`eager_attention`) is plain matmul + softmax in fp32. A chunk of queries
+over a longer cache (chunked prefill) runs :func:`prefill_chunk_attention`, whose implementation
+(``sdpa`` / ``split`` / ``flex``) is chosen by ``HYBRIDIZE_PREFILL_ATTENTION`` or :func:`use_prefill_attention`. Packed
 variable-length batches (``cu_seqlens``, batch of 1) are block-diagonal causal: the fast path runs one
 causal SDPA call per sequence, the reference applies the block-diagonal mask.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import math
+import os
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +36,16 @@ __all__ = [
     "eager_attention",
     "decode_attention",
     "DECODE_ATTENTION_IMPLS",
+    "prefill_chunk_attention",
+    "prefill_attention",
+    "use_prefill_attention",
+    "prefill_attention_error",
+    "sdpa_backend",
+    "sdpa_with_lse",
+    "offset_causal_block_mask",
+    "PREFILL_ATTENTION_IMPLS",
+    "PREFILL_ATTENTION_ENV",
+    "LSE_KERNELS",
 ]
 
 # SDPA grew `enable_gqa` in torch 2.5; before that KV heads are repeated.
@@ -138,28 +153,38 @@ def eager_attention(
     return (torch.softmax(scores, dim=-1) @ v.float()).to(q.dtype)
 
 
+def _lower_right_sdpa(q, k, v, scale):
+    """Today's chunk-over-cache path (``impl="sdpa"`` of :func:`prefill_chunk_attention`): one SDPA call with
+    torch's lower-right ``CausalBias``; an explicit ``[Tq, Tk]`` mask if that fails once."""
+    global _lower_right_error
+    tq, tk = q.shape[2], k.shape[2]
+    if _LOWER_RIGHT is not None and _SDPA_GQA and _lower_right_error is None:
+        # On CUDA torch's CausalBias calls the flash kernel (FlashAttention-2) directly, in its native
+        # lower-right causal mode with native GQA: nothing of size [tq, tk] is built, K/V are never repeated.
+        # Note: that is FA2 even where plain SDPA would pick cuDNN (Hopper, cuDNN > 9.15). Elsewhere the
+        # [tq, tk] boolean mask is materialised (bounded by chunk * context).
+        try:
+            return F.scaled_dot_product_attention(
+                q, k, v, attn_mask=_LOWER_RIGHT(tq, tk), scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+            )
+        except RuntimeError as exc:  # a kernel this torch build lacks: fall back to an explicit mask, once
+            if "out of memory" in str(exc).lower():
+                raise
+            _lower_right_error = f"{type(exc).__name__}: {exc}"
+            logger.warning(
+                "attention: lower-right causal SDPA failed (%s); chunks over a cache use an explicit "
+                "[chunk, T] mask from now on", _lower_right_error[:300]
+            )
+    k, v = _repeat_kv(q, k, v)  # an explicit mask rules out flash; the memory-efficient kernel needs equal heads
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=_causal_mask(tq, tk, q.device), scale=scale)
+
+
 def _sdpa(q, k, v, mask, scale):
     tq, tk = q.shape[2], k.shape[2]
     if mask is None and tq not in (1, tk):
-        # Chunked prefill over a cache: causal aligned to the last key (lower-right). SDPA's is_causal is
-        # top-left for tq < tk, so use torch's CausalBias: on CUDA it runs the flash kernel with its native
-        # lower-right causal mode and native GQA, so nothing of size [tq, tk] is built and K/V are never
-        # repeated; elsewhere it materialises the [tq, tk] boolean mask (bounded by chunk * context).
-        global _lower_right_error
-        if _LOWER_RIGHT is not None and _SDPA_GQA and _lower_right_error is None:
-            try:
-                return F.scaled_dot_product_attention(
-                    q, k, v, attn_mask=_LOWER_RIGHT(tq, tk), scale=scale, enable_gqa=q.shape[1] != k.shape[1]
-                )
-            except RuntimeError as exc:  # a kernel this torch build lacks: fall back to an explicit mask, once
-                if "out of memory" in str(exc).lower():
-                    raise
-                _lower_right_error = f"{type(exc).__name__}: {exc}"
-                logger.warning(
-                    "attention: lower-right causal SDPA failed (%s); chunks over a cache use an explicit "
-                    "[chunk, T] mask from now on", _lower_right_error[:300]
-                )
-        mask = _causal_mask(tq, tk, q.device)
+        # Chunked prefill over a cache: causal aligned to the last key (lower-right); SDPA's is_causal is
+        # top-left for tq < tk. The implementation is selectable (HYBRIDIZE_PREFILL_ATTENTION).
+        return _chunk_over_cache(q, k, v, scale)
     if mask is None:
         kwargs = {"is_causal": tq > 1}
         if q.shape[1] != k.shape[1]:
@@ -397,3 +422,341 @@ def decode_attention(
         fn = _flex_decode_compiled() if q.is_cuda else _flex_decode
         return fn(q, k_buf, v_buf, position, scale)
     raise ValueError(f"unknown decode attention implementation {impl!r}; choose one of {DECODE_ATTENTION_IMPLS}")
+
+
+# ------------------------------------------------------------- a chunk of queries over a cache (prefill)
+
+#: Implementations of the causal attention of a chunk of queries over a longer cache (chunked prefill), see
+#: :func:`prefill_chunk_attention`. ``sdpa`` is today's path and the default until the others are measured.
+PREFILL_ATTENTION_IMPLS = ("sdpa", "split", "flex")
+
+#: Environment variable choosing the chunk-over-cache implementation (``sdpa``, ``split`` or ``flex``; read on
+#: every call, so it can be set at any time before the prefill); :func:`use_prefill_attention` overrides it.
+PREFILL_ATTENTION_ENV = "HYBRIDIZE_PREFILL_ATTENTION"
+
+#: Query and key/value tile of the ``flex`` prefill BlockMask.
+PREFILL_FLEX_BLOCK = 128
+
+_prefill_override: list[str] = []  # stack of use_prefill_attention() choices
+_prefill_errors: dict[str, str] = {}  # candidate -> first error; that candidate then runs as "sdpa"
+_compiled_flex_prefill = None
+
+# torch.nn.attention.SDPBackend values (as torch._fused_sdp_choice returns them) -> names used here
+_SDP_BACKENDS = {0: "math", 1: "flash", 2: "efficient", 3: "cudnn"}
+#: Kernels :func:`sdpa_with_lse` can run (``None`` there = the one SDPA itself would pick).
+LSE_KERNELS = ("cudnn", "flash", "efficient", "math")
+
+
+def prefill_attention() -> str:
+    """The chunk-over-cache implementation in force now: the innermost :func:`use_prefill_attention` choice,
+    else ``$HYBRIDIZE_PREFILL_ATTENTION``, else ``"sdpa"``.
+
+    Raises:
+        ValueError: the environment variable names no implementation.
+    """
+    if _prefill_override:
+        return _prefill_override[-1]
+    value = os.environ.get(PREFILL_ATTENTION_ENV, "").strip().lower() or "sdpa"
+    if value not in PREFILL_ATTENTION_IMPLS:
+        raise ValueError(f"{PREFILL_ATTENTION_ENV}={value!r}: choose one of {PREFILL_ATTENTION_IMPLS}")
+    return value
+
+
+@contextlib.contextmanager
+def use_prefill_attention(impl: str | None) -> Iterator[None]:
+    """Context manager: chunks over a cache use ``impl`` (``sdpa``/``split``/``flex``) inside the block.
+
+    ``None`` leaves the current choice (environment or default) in force. Nestable; not thread-local.
+
+    Raises:
+        ValueError: an unknown ``impl``.
+    """
+    if impl is None:
+        yield
+        return
+    if impl not in PREFILL_ATTENTION_IMPLS:
+        raise ValueError(f"unknown prefill attention {impl!r}; choose one of {PREFILL_ATTENTION_IMPLS}")
+    _prefill_override.append(impl)
+    try:
+        yield
+    finally:
+        _prefill_override.pop()
+
+
+def prefill_attention_error(impl: str) -> str | None:
+    """Why candidate ``impl`` fell back to ``sdpa`` in this process (its first error), or None."""
+    return _prefill_errors.get(impl)
+
+
+def _chunk_over_cache(q, k, v, scale):
+    """Dispatch of :func:`_sdpa` for ``1 < Tq < Tk`` without a mask: the selected implementation, logged once;
+    a candidate that fails (other than out of memory) is reported once and replaced by ``sdpa`` from then on."""
+    impl = prefill_attention()
+    if impl != "sdpa" and impl not in _prefill_errors:
+        try:
+            out = prefill_chunk_attention(q, k, v, scale=scale, impl=impl)
+            backend._log_once(f"prefill-{impl}-{q.device.type}", logging.INFO,
+                              "attention: chunk over a cache on %s: %s", q.device.type, _PREFILL_DESCRIPTIONS[impl])
+            return out
+        except Exception as exc:  # a kernel or compiler this install lacks must not stop the prefill
+            if "out of memory" in str(exc).lower():
+                raise
+            _prefill_errors[impl] = f"{type(exc).__name__}: {str(exc)[:500]}"
+            logger.warning("attention: prefill attention %r failed (%s); using 'sdpa' from now on",
+                           impl, _prefill_errors[impl][:300])
+    backend._log_once(f"prefill-sdpa-{q.device.type}", logging.INFO,
+                      "attention: chunk over a cache on %s: %s", q.device.type, _PREFILL_DESCRIPTIONS["sdpa"])
+    return _lower_right_sdpa(q, k, v, scale)
+
+
+_PREFILL_DESCRIPTIONS = {
+    "sdpa": "sdpa (one SDPA call with torch's lower-right CausalBias)",
+    "split": "split (SDPA kernel over the prefix + causal SDPA kernel over the chunk, merged by log-sum-exp)",
+    "flex": "flex (FlexAttention with an offset causal BlockMask; compiled on CUDA)",
+}
+
+
+def prefill_chunk_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float | None = None,
+    impl: str = "sdpa",
+) -> torch.Tensor:
+    """Causal GQA attention of a chunk of queries over a cache: queries at positions ``P .. P + Tq - 1`` against
+    keys ``0 .. P + Tq - 1`` (``P = Tk - Tq``, query t sees keys ``<= P + t``: causal aligned to the last key).
+
+    What a chunked prefill runs in every attention layer (and the dense regime of sparse layers) for each chunk
+    after the first. HyPE-scaled queries are just queries here (the layer scales them before).
+
+    Args:
+        q: ``[B, Hq, Tq, d]``; k, v: ``[B, Hkv, Tk, d]`` with ``1 <= Tq <= Tk`` and Hkv dividing Hq (query head
+            i reads KV head i // (Hq/Hkv)); last dimension contiguous (views of a static cache are fine).
+            float32, bfloat16 or float16 (the fused CUDA kernels of ``split`` need 16-bit inputs; in float32
+            SDPA itself falls back to the memory-efficient or math kernel, which ``split`` then uses too).
+        scale: softmax scale; default ``d ** -0.5``.
+        impl: ``"sdpa"``: one SDPA call with torch's lower-right ``CausalBias`` (on CUDA torch calls the
+            FlashAttention-2 kernel directly; elsewhere a ``[Tq, Tk]`` mask). ``"split"``: the chunk against the
+            prefix ``[0, P)`` with no mask, and against its own ``Tq`` keys with ``is_causal=True`` (square, so
+            top-left = lower-right), each on the kernel SDPA itself would pick (cuDNN / flash / memory-efficient
+            on CUDA, flash on CPU; see :func:`sdpa_with_lse`), merged exactly with their log-sum-exps in fp32:
+            ``o = o_own + sigmoid(lse_prefix - lse_own) * (o_prefix - o_own)``. ``"flex"``: FlexAttention with a
+            BlockMask of ``kv_idx <= q_idx + P`` built from block arithmetic (128 x 128 tiles: full blocks below
+            the diagonal, at most two partial ones per query tile), GQA through ``enable_gqa``; compiled
+            (``torch.compile(dynamic=True)``, once per process) on CUDA, eager elsewhere (exact, but eager flex
+            materialises the ``[B, Hq, Tq, Tk]`` scores).
+
+    Returns:
+        ``[B, Hq, Tq, d]`` in ``q``'s dtype.
+
+    Raises:
+        ValueError: shapes that do not fit, or an unknown ``impl``. Kernel and compiler errors propagate
+        (:func:`softmax_attention` catches them and falls back to ``sdpa``).
+    """
+    b, hq, tq, d = q.shape
+    if (
+        k.dim() != 4 or k.shape != v.shape or k.shape[0] != b or k.shape[3] != d
+        or hq % k.shape[1] or not 1 <= tq <= k.shape[2]
+    ):
+        raise ValueError(
+            f"prefill_chunk_attention expects q [B, Hq, Tq, d] and k/v [B, Hkv, Tk, d] with Hkv | Hq and "
+            f"1 <= Tq <= Tk; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if impl == "sdpa":
+        return _lower_right_sdpa(q, k, v, scale)
+    if impl == "split":
+        return _split_prefill(q, k, v, scale)
+    if impl == "flex":
+        _load_flex()
+        fn = _flex_prefill_compiled() if q.is_cuda else _flex_prefill
+        prefix = torch.tensor(k.shape[2] - tq, dtype=torch.int64, device=q.device)
+        return fn(q, k, v, prefix, d**-0.5 if scale is None else scale)
+    raise ValueError(f"unknown prefill attention {impl!r}; choose one of {PREFILL_ATTENTION_IMPLS}")
+
+
+# ------------------------------------------------------------------ split: two SDPA kernels + LSE merge
+
+
+def sdpa_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool) -> str:
+    """The kernel ``F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, enable_gqa=...)`` would run:
+    ``"cudnn"``, ``"flash"``, ``"efficient"`` or ``"math"`` (torch's own choice, ``torch._fused_sdp_choice``;
+    honours ``torch.nn.attention.sdpa_kernel`` and ``TORCH_CUDNN_SDPA_DEPRIORITIZED``). ``"math"`` when torch
+    cannot say."""
+    try:
+        kwargs = {"enable_gqa": q.shape[1] != k.shape[1]} if _SDPA_GQA else {}
+        choice = torch._fused_sdp_choice(q, k, v, None, 0.0, is_causal, **kwargs)
+    except (AttributeError, TypeError, RuntimeError):
+        return "math"
+    return _SDP_BACKENDS.get(int(choice), "math")
+
+
+def sdpa_with_lse(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    is_causal: bool,
+    scale: float | None = None,
+    kernel: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDPA that also returns the log-sum-exp of each query's scaled scores (natural log).
+
+    Public SDPA returns no LSE, so this calls the private aten op of the kernel SDPA would pick (the same call
+    SDPA makes, with the LSE requested): ``aten._scaled_dot_product_cudnn_attention`` (compute_log_sumexp),
+    ``aten._scaled_dot_product_flash_attention`` (CUDA; head dim zero-padded to a multiple of 8 as SDPA does) or
+    ``aten._scaled_dot_product_flash_attention_for_cpu``, ``aten._scaled_dot_product_efficient_attention``
+    (compute_log_sumexp; its LSE is padded to 32 rows, cut here). ``"math"``: plain PyTorch, fp32 scores of
+    each KV group's query heads (K/V never repeated; memory O(B Hq Tq Tk): small inputs and fallbacks).
+
+    Args:
+        q: ``[B, Hq, Tq, d]``; k, v: ``[B, Hkv, Tk, d]``, Hkv dividing Hq (GQA natively where the kernel has it).
+        is_causal: top-left causal mask (use it with Tq == Tk only, where it equals lower-right).
+        scale: softmax scale; default ``d ** -0.5``.
+        kernel: one of :data:`LSE_KERNELS`, or None for :func:`sdpa_backend`'s choice.
+
+    Returns:
+        ``(out [B, Hq, Tq, d] in q's dtype, lse [B, Hq, Tq] float32)``.
+
+    Raises:
+        ValueError: an unknown ``kernel``. RuntimeError from a kernel that cannot run these inputs (e.g.
+        ``"flash"`` with float32, or on a CPU tensor for ``"cudnn"``).
+    """
+    if kernel is None:
+        kernel = sdpa_backend(q, k, v, is_causal)
+    if kernel not in LSE_KERNELS:
+        raise ValueError(f"unknown SDPA kernel {kernel!r}; choose one of {LSE_KERNELS}")
+    b, hq, tq, d = q.shape
+    if kernel == "math":
+        return _math_with_lse(q, k, v, is_causal, scale)
+    if q.shape[1] != k.shape[1] and not _SDPA_GQA:  # torch < 2.5: the fused kernels take equal head counts
+        k, v = _repeat_kv(q, k, v)
+    if kernel == "cudnn":
+        out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
+            q, k, v, None, True, 0.0, is_causal, False, scale=scale
+        )[:2]
+    elif kernel == "efficient":
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
+            q, k, v, None, True, 0.0, is_causal, scale=scale
+        )[:2]
+    elif q.is_cuda:  # flash
+        pad = -d % 8
+        if pad:
+            q, k, v = (F.pad(t, (0, pad)) for t in (q, k, v))
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
+            q, k, v, 0.0, is_causal, False, scale=d**-0.5 if scale is None else scale
+        )[:2]
+        out = out[..., :d]
+    else:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, is_causal, scale=scale)
+    return out, lse.reshape(b, hq, -1)[..., :tq].float()
+
+
+def _math_with_lse(q, k, v, is_causal, scale):
+    b, hq, tq, d = q.shape
+    hkv, tk = k.shape[1], k.shape[2]
+    g = hq // hkv
+    scale = d**-0.5 if scale is None else scale
+    qg = q.reshape(b, hkv, g * tq, d).float()
+    scores = (qg @ k.float().transpose(-1, -2)).mul_(scale).view(b, hkv, g, tq, tk)
+    if is_causal:
+        scores.masked_fill_(~torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(), float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # [b, hkv, g, tq]
+    p = scores.sub_(lse[..., None]).exp_().view(b, hkv, g * tq, tk)
+    out = (p @ v.float()).view(b, hq, tq, d)
+    return out.to(q.dtype), lse.reshape(b, hq, tq)
+
+
+def _split_prefill(q, k, v, scale):
+    """``impl="split"`` of :func:`prefill_chunk_attention`."""
+    tq, tk = q.shape[2], k.shape[2]
+    prefix = tk - tq
+    own, own_lse = sdpa_with_lse(q, k[:, :, prefix:], v[:, :, prefix:], is_causal=True, scale=scale)
+    if prefix == 0:
+        return own
+    past, past_lse = sdpa_with_lse(q, k[:, :, :prefix], v[:, :, :prefix], is_causal=False, scale=scale)
+    for part in ("prefix", "chunk"):
+        backend._log_once(f"split-{part}-{q.device.type}", logging.INFO, "attention: split prefill, %s part on %s: "
+                          "%s kernel", part, q.device.type, lambda part=part: _split_kernel_name(q, k, tq, part))
+    # both LSEs are finite (every query sees at least its own key and, with a prefix, key 0), so the weight of
+    # the prefix part is sigmoid(lse_past - lse_own) = Z_past / (Z_past + Z_own)
+    weight = torch.sigmoid(past_lse - own_lse).unsqueeze(-1)
+    out = past.float().sub_(own).mul_(weight).add_(own)
+    return out.to(q.dtype)
+
+
+def _split_kernel_name(q, k, tq, part):
+    prefix = k.shape[2] - tq
+    if part == "prefix":
+        return sdpa_backend(q, k[:, :, :prefix], k[:, :, :prefix], False)
+    return sdpa_backend(q, k[:, :, prefix:], k[:, :, prefix:], True)
+
+
+# ----------------------------------------------------------------------------- flex: offset causal mask
+
+
+def offset_causal_block_mask(tq: int, tk: int, prefix: torch.Tensor):
+    """FlexAttention ``BlockMask`` of ``kv_idx <= q_idx + prefix`` for ``tq`` queries over ``tk`` keys.
+
+    Built from block arithmetic, never from a ``[tq, tk]`` mask: with 128 x 128 tiles, query tile i (queries
+    ``prefix + 128 i ..``) has every key tile whose last key is ``<= prefix + 128 i`` full (no mask applied) and
+    the next 0-2 tiles partial (``mask_mod`` applied); the last query tile, when ``tq`` cuts it short, has all
+    its tiles partial. The same tables as ``create_block_mask`` (tested), without its ``[tq, tk]`` evaluation.
+    Index tables are full width (inductor's CPU flex lowering needs them to cover the whole KV length).
+    Broadcast over batch and heads (``[1, 1, ...]``).
+
+    Args:
+        tq, tk: query and key counts, ``1 <= tq <= tk`` (ints, or SymInts under torch.compile).
+        prefix: 0-d int64 tensor ``tk - tq`` on the device (a tensor, so that a compiled caller does not
+            recompile as it changes). Call :func:`_load_flex` first.
+    """
+    api = _flex_api
+    device = prefix.device
+    bs = PREFILL_FLEX_BLOCK
+    q_blocks, kv_blocks = (tq + bs - 1) // bs, (tk + bs - 1) // bs
+    i = torch.arange(q_blocks, device=device)
+    first = prefix + i * bs  # position of the first query of each query tile
+    last = prefix + torch.clamp((i + 1) * bs, max=tq) - 1  # of its last real query
+    # full: tiles whose every key is <= first. A query tile cut short by tq (the last one) gets none, as in
+    # create_block_mask, which counts its padding rows as masked
+    full_num = torch.where((i + 1) * bs <= tq, torch.div(first + 1, bs, rounding_mode="floor"), 0)
+    partial_num = torch.div(last, bs, rounding_mode="floor") + 1 - full_num  # 0-2 diagonal tiles (+ full, cut)
+    cols = torch.arange(kv_blocks, device=device)
+    partial_idx = torch.clamp(full_num[:, None] + cols[None, :], max=kv_blocks - 1)
+    full_idx = cols[None, :].expand(q_blocks, kv_blocks)
+
+    def mask_mod(batch, head, q_idx, kv_idx):
+        return kv_idx <= q_idx + prefix
+
+    def table(t):
+        return t.to(torch.int32)[None, None].contiguous()
+
+    return api["BlockMask"].from_kv_blocks(
+        table(partial_num),
+        table(partial_idx),
+        table(full_num),
+        table(full_idx),
+        BLOCK_SIZE=(bs, bs),
+        mask_mod=mask_mod,
+        seq_lengths=(tq, tk),
+        **api["kwargs"],
+    )
+
+
+def _flex_prefill(q, k, v, prefix, scale):
+    """FlexAttention of a chunk over a cache (see :func:`prefill_chunk_attention`); ``prefix`` = P as a 0-d
+    int64 tensor on q's device. The BlockMask (:func:`offset_causal_block_mask`) is built inside, so under
+    ``torch.compile`` every input is a tensor or a size. Call :func:`_load_flex` first."""
+    block_mask = offset_causal_block_mask(q.shape[2], k.shape[2], prefix)
+    return _flex_api["flex_attention"](
+        q, k, v, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+    )
+
+
+def _flex_prefill_compiled():
+    global _compiled_flex_prefill
+    if _compiled_flex_prefill is None:
+        # dynamic=True: chunk after chunk the cache length changes; one symbolic compile instead of a static one
+        # and a recompile inside the first timed prefill
+        _compiled_flex_prefill = torch.compile(_flex_prefill, fullgraph=True, dynamic=True)
+    return _compiled_flex_prefill
