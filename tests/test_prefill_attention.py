@@ -136,6 +136,7 @@ def test_offset_causal_block_mask_equals_create_block_mask(chunk, past):
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="inductor's CPU backend needs a C++ compiler")
 def test_compiled_flex_prefill_traces_once_for_growing_caches():
     """The function CUDA compiles (fullgraph, dynamic) traces on CPU too, is exact, and does not recompile as the

@@ -6,11 +6,11 @@ past the training length.
 
 Dispatch (:mod:`hybridize.ops.backend`): the fast path is torch SDPA everywhere (flash / memory-efficient
 kernels on CUDA, with ``is_causal=True`` when no mask is needed and ``enable_gqa=True`` instead of copying
-KV heads); the reference path (:func:`eager_attention`) is plain matmul + softmax in fp32. A chunk of queries
-over a longer cache (chunked prefill) runs :func:`prefill_chunk_attention`, whose implementation
-(``sdpa`` / ``split`` / ``flex``) is chosen by ``HYBRIDIZE_PREFILL_ATTENTION`` or :func:`use_prefill_attention`. Packed
+KV heads); the reference path (:func:`eager_attention`) is plain matmul + softmax in fp32. Packed
 variable-length batches (``cu_seqlens``, batch of 1) are block-diagonal causal: the fast path runs one
-causal SDPA call per sequence, the reference applies the block-diagonal mask.
+causal SDPA call per sequence, the reference applies the block-diagonal mask. A chunk of queries over a
+longer cache (chunked prefill) runs :func:`prefill_chunk_attention`, whose implementation (``sdpa``,
+``split`` or ``flex``) is chosen by ``HYBRIDIZE_PREFILL_ATTENTION`` or :func:`use_prefill_attention`.
 """
 
 from __future__ import annotations
