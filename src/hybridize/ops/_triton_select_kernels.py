@@ -66,6 +66,10 @@ def _stats_kernel(
         m_new = tl.maximum(m, tl.max(s, axis=1))
         l = l * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new[:, None]), axis=1)
         m = m_new
+    # a query with no visible window: m = 0, l = 1 (finite; pass 2 masks all its windows anyway)
+    seen = l > 0
+    m = tl.where(seen, m, 0.0)
+    l = tl.where(seen, l, 1.0)
     row = pid_bh * Tq + t
     tl.store(m_ptr + row, m, mask=t_ok)
     tl.store(l_ptr + row, l, mask=t_ok)
