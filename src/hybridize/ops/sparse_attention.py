@@ -58,6 +58,11 @@ Implementations of the attention over a selection:
   token and the BlockMask is exactly the token's selection (the InfLLM-V2 kernel's layout).
 
 :func:`sparse_attention` dispatches between them (and to dense SDPA below ``dense_len``).
+
+Block scoring (steps 1-5) runs in torch (:func:`_window_block_scores`, which materialises the per-head
+``[Tq, Nc]`` scores of a query chunk) or, on CUDA with triton installed and the reference not forced, through
+the fused Triton kernel :func:`hybridize.ops.triton_select.fused_block_scores` (same scores up to fp32
+rounding, no ``[Tq, Nc]`` intermediate, larger query chunks; a GPU candidate not yet measured).
 """
 
 from __future__ import annotations
