@@ -127,7 +127,8 @@ def fused_block_scores(
     # products of bf16/fp16 values, fp32 sums: what the GPU's fp32-accumulating MMA computes)
     upcast = half and not q.is_cuda
     rnd = 0 if not half else 2 if (upcast and q.dtype == torch.bfloat16) else 1
-    prec = "tf32" if (not half and q.is_cuda and torch.backends.cuda.matmul.allow_tf32) else "ieee"
+    # the precision choice applies to fp32 operands only (half operands: Triton's default MMA)
+    prec = None if half else "tf32" if (q.is_cuda and torch.backends.cuda.matmul.allow_tf32) else "ieee"
     vis = visible.to(device=q.device, dtype=torch.int32).contiguous()
     m = torch.empty(b, hq, tq, device=q.device, dtype=torch.float32)
     l = torch.empty_like(m)
