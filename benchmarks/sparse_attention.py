@@ -8,15 +8,23 @@ candidate separately and in the same run:
 * prefill (all T queries):
   - ``dense_sdpa``: causal SDPA on the flash backend (GQA without copying KV where torch allows it);
   - ``selection``: compressed keys + block scores + top-k for every query (:func:`select_block_indices`,
-    queries in memory-bounded chunks), eager; ``selection_compiled``: the same with the fused scoring core
-    compiled by ``torch.compile`` (candidate);
+    queries in memory-bounded chunks), torch scoring, eager; ``selection_compiled``: the same with the
+    scoring core compiled by ``torch.compile`` (candidate); ``selection_triton``: the same with the fused
+    Triton scoring kernel (:mod:`hybridize.ops.triton_select`, candidate; its default, much larger query
+    chunks), with ``selection_triton_same_rows``, the fraction of (KV head, query) rows whose indices equal
+    the torch selection's;
   - ``flex_mask``: building the FlexAttention BlockMask from the indices; ``flex``: the attention itself;
   - ``sparse_total`` = best selection + flex_mask + flex, and the selection's share of it.
+
+The scoring path of each selection candidate is pinned (torch or triton), whatever
+:func:`hybridize.ops.sparse_attention.select_block_indices` would pick by itself; a fused kernel that fails
+is recorded as ``"error: ..."`` rather than timed through its torch fallback.
 * decode (one new token over a T-token cache, compressed keys cached as a decode loop would):
   - ``dense_sdpa``: SDPA of the 16 query heads of each KV group against the whole cache (flash);
-  - ``selection``: scoring + top-k for the one query; ``gather``: gather the selected blocks' K/V + SDPA;
+  - ``selection``: scoring + top-k for the one query (torch scoring); ``selection_triton``: the same with
+    the fused Triton scoring; ``gather``: gather the selected blocks' K/V + SDPA;
     ``flex``: the same selection through FlexAttention (mask build included);
-  - ``sparse_total`` = selection + best of gather/flex.
+  - ``sparse_total`` = best selection + best of gather/flex.
 
 Out-of-memory is recorded as ``"oom"``, other failures as ``"error: ..."``; a measurement whose estimated cost
 (extrapolated from the previous length) would overrun ``--time-budget`` is recorded as ``"skipped"``.
@@ -31,6 +39,7 @@ Run on the GPU machine from the repository root (hybridize installed, or ``PYTHO
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -140,6 +149,28 @@ def timed(fn: Callable[[], object], repeats: int, warmup: int) -> float | str:
         torch.cuda.empty_cache()
 
 
+@contextlib.contextmanager
+def scoring(backend: str):
+    """Pin the block-scoring path of :func:`select_block_indices` to ``"torch"`` or ``"triton"``."""
+    old = sa._selection_backend
+    sa._selection_backend = lambda device: backend
+    try:
+        yield
+    finally:
+        sa._selection_backend = old
+
+
+def _triton_scoring_ok() -> str | None:
+    """None if the fused Triton scoring can be timed here, else why not (recorded instead of a time)."""
+    from hybridize.ops.triton_select import triton_available
+
+    if not triton_available():
+        return "skipped (triton not installed)"
+    if sa._fused_broken is not None:
+        return f"error: fused kernel failed: {sa._fused_broken}"[:400]
+    return None
+
+
 def _dense_prefill_fn(q, k, v):
     """Causal flash SDPA; GQA through ``enable_gqa`` when the flash backend takes it, else repeated KV."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -216,6 +247,7 @@ def bench_length(t: int, cfg: SparseConfig, args, budget: Budget, compiled_score
     nc = max(1, (t - cfg.kernel_size) // cfg.kernel_stride + 1)
     chunk = max(1, min(t, args.score_elements // (HEADS * nc)))
     row["score_chunk_queries"] = chunk
+    row["score_chunk_queries_triton"] = max(1, min(t, sa._FUSED_SCORE_BUDGET // (KV_HEADS * -(-t // cfg.block_size))))
     run, how = _dense_prefill_fn(q, k, v)
     row["dense_backend"] = how
     measure("prefill", "dense_sdpa", run, 2.0, warmup=1 if t == args.first else 0)
@@ -223,7 +255,8 @@ def bench_length(t: int, cfg: SparseConfig, args, budget: Budget, compiled_score
     holder: dict = {}
 
     def select():
-        holder["idx"] = select_block_indices(q, k, cfg, chunk_size=chunk)
+        with scoring("torch"):
+            holder["idx"] = select_block_indices(q, k, cfg, chunk_size=chunk)
 
     measure("prefill", "selection", select, 2.0, warmup=1 if t == args.first else 0)
     if compiled_scores is not None:
@@ -233,6 +266,26 @@ def bench_length(t: int, cfg: SparseConfig, args, budget: Budget, compiled_score
             measure("prefill", "selection_compiled", select, 2.0, warmup=1)
         finally:
             sa._window_block_scores = eager
+    if not args.no_triton_selection:
+        why_not = _triton_scoring_ok()
+        if why_not is None:
+
+            def select_triton():
+                with scoring("triton"):
+                    holder["idx_triton"] = select_block_indices(q, k, cfg)
+
+            ms = measure("prefill", "selection_triton", select_triton, 2.0, warmup=1)
+            why_not = _triton_scoring_ok()  # a kernel failure falls back to torch inside: not a valid time
+            if why_not is None and "idx_triton" in holder and "idx" in holder:
+                a, b = holder["idx"], holder["idx_triton"]
+                w = max(a.shape[-1], b.shape[-1])
+                a, b = F.pad(a, (0, w - a.shape[-1]), value=-1), F.pad(b, (0, w - b.shape[-1]), value=-1)
+                row["selection_triton_same_rows"] = (a == b).all(-1).float().mean().item()
+            if why_not is not None and isinstance(ms, float):
+                row["prefill"]["selection_triton"] = why_not
+            holder.pop("idx_triton", None)
+        else:
+            row["prefill"]["selection_triton"] = why_not
     if "idx" not in holder:
         try:
             select()
@@ -260,7 +313,7 @@ def bench_length(t: int, cfg: SparseConfig, args, budget: Budget, compiled_score
         torch.cuda.empty_cache()
 
     p = row["prefill"]
-    sel = [p[x] for x in ("selection", "selection_compiled") if isinstance(p.get(x), float)]
+    sel = [p[x] for x in ("selection", "selection_compiled", "selection_triton") if isinstance(p.get(x), float)]
     if sel and isinstance(p.get("flex_mask"), float) and isinstance(p.get("flex"), float):
         p["sparse_total"] = min(sel) + p["flex_mask"] + p["flex"]
         p["selection_fraction"] = min(sel) / p["sparse_total"]
@@ -276,18 +329,34 @@ def bench_length(t: int, cfg: SparseConfig, args, budget: Budget, compiled_score
     measure("decode", "compress_keys_full", lambda: compress_keys(k, cfg.kernel_size, cfg.kernel_stride), 1.0, warmup=1)
 
     def select1():
-        holder["idx1"] = select_block_indices(q1, k, cfg, compressed_k=kc)
+        with scoring("torch"):
+            holder["idx1"] = select_block_indices(q1, k, cfg, compressed_k=kc)
 
     measure("decode", "selection", select1, 1.0, warmup=2)
+    if not args.no_triton_selection:
+        why_not = _triton_scoring_ok()
+        if why_not is None:
+
+            def select1_triton():
+                with scoring("triton"):
+                    select_block_indices(q1, k, cfg, compressed_k=kc)
+
+            ms = measure("decode", "selection_triton", select1_triton, 1.0, warmup=2)
+            why_not = _triton_scoring_ok()
+            if why_not is not None and isinstance(ms, float):
+                row["decode"]["selection_triton"] = why_not
+        else:
+            row["decode"]["selection_triton"] = why_not
     if "idx1" in holder:
         idx1 = holder["idx1"]
         measure("decode", "gather", lambda: sparse_attention_gather(q1, k, v, idx1, cfg.block_size), 1.0, warmup=2)
         measure("decode", "flex", lambda: sparse_attention_flex(q1, k, v, idx1, cfg.block_size), 1.0, warmup=2)
     d = row["decode"]
     att = [d[x] for x in ("gather", "flex") if isinstance(d.get(x), float)]
-    if att and isinstance(d.get("selection"), float):
-        d["sparse_total"] = d["selection"] + min(att)
-        d["selection_fraction"] = d["selection"] / d["sparse_total"]
+    sel1 = [d[x] for x in ("selection", "selection_triton") if isinstance(d.get(x), float)]
+    if att and sel1:
+        d["sparse_total"] = min(sel1) + min(att)
+        d["selection_fraction"] = min(sel1) / d["sparse_total"]
         if isinstance(d.get("dense_sdpa"), float):
             d["speedup_vs_dense"] = d["dense_sdpa"] / d["sparse_total"]
     return row
@@ -323,6 +392,9 @@ def main(argv: list[str] | None = None) -> int:
         "--score-elements", type=int, default=1 << 29, help="fp32 scores per scoring chunk (memory bound)"
     )
     parser.add_argument("--no-compiled-selection", action="store_true", help="skip the torch.compile scoring candidate")
+    parser.add_argument(
+        "--no-triton-selection", action="store_true", help="skip the fused Triton scoring candidate"
+    )
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "sparse_attention_h200.json"))
     parser.add_argument("--device", default="cuda", help="cuda; 'cpu' only smoke-tests the script at tiny sizes")
     args = parser.parse_args(argv)

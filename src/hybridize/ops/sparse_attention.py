@@ -58,6 +58,11 @@ Implementations of the attention over a selection:
   token and the BlockMask is exactly the token's selection (the InfLLM-V2 kernel's layout).
 
 :func:`sparse_attention` dispatches between them (and to dense SDPA below ``dense_len``).
+
+Block scoring (steps 1-5) runs in torch (:func:`_window_block_scores`, which materialises the per-head
+``[Tq, Nc]`` scores of a query chunk) or, on CUDA with triton installed and the reference not forced, through
+the fused Triton kernel :func:`hybridize.ops.triton_select.fused_block_scores` (same scores up to fp32
+rounding, no ``[Tq, Nc]`` intermediate, larger query chunks; a GPU candidate not yet measured).
 """
 
 from __future__ import annotations
@@ -97,6 +102,9 @@ logger = logging.getLogger("hybridize")
 
 #: Elements (fp32) one scoring chunk may materialise per intermediate; bounds memory at any length.
 _SCORE_BUDGET = 1 << 26
+#: Block scores ``[B, Hkv, C, n_blocks]`` per chunk with the fused Triton scoring, which materialises no
+#: ``[.., C, Nc]`` intermediate (the top-k key beside them is int64: ~12 bytes per element in all).
+_FUSED_SCORE_BUDGET = 1 << 26
 #: Up to this many queries :func:`sparse_attention` gathers the selected blocks instead of running flex.
 _GATHER_MAX_QUERIES = 16
 #: Block indices must stay below this for the tie-breaking top-k key (2**24 blocks = 1G tokens at 64).
@@ -278,10 +286,14 @@ def block_scores(
 ) -> torch.Tensor:
     """Group-summed, block-pooled scores of SPEC 1c (steps 2-5 of the module docstring).
 
+    On CUDA with triton installed (and the reference not forced) the fused Triton kernel
+    :func:`hybridize.ops.triton_select.fused_block_scores` computes them; otherwise
+    :func:`_window_block_scores` (torch). Both give the same scores up to fp32 rounding.
+
     Args:
         q: queries ``[B, Hq, Tq, d]``.
         compressed_k: ``[B, Hkv, Nc, d]`` from :func:`compress_keys`.
-        positions: ``[Tq]`` int64 absolute positions of the queries.
+        positions: ``[Tq]`` int64 absolute positions of the queries, ascending.
         n_blocks: number of key blocks to score (``ceil(Tk / block_size)``).
         scale: softmax scale; default ``d ** -0.5``.
 
@@ -289,13 +301,68 @@ def block_scores(
         fp32 ``[B, Hkv, Tq, n_blocks]``, each entry >= 0 (0 for blocks without a visible window). No
         causal block masking is applied here (see :func:`select_block_indices`).
     """
+    tq = q.shape[2]
+    visible = _visible_windows(positions, cfg)
+    max_visible = int(visible.max().item()) if tq else 0
+    return _block_scores(q, compressed_k, visible, max_visible, n_blocks, cfg, scale, _selection_backend(q.device))
+
+
+_fused_broken: str | None = None
+
+
+def _selection_backend(device: torch.device) -> str:
+    """``"triton"`` (fused scoring kernel) or ``"torch"``: the block-scoring path for ``device`` right now.
+
+    ``"triton"`` needs a CUDA device, triton installed, the reference not forced
+    (:func:`hybridize.ops.backend.force_reference`) and no earlier failure of the kernel. Logged once.
+    """
+    if device.type != "cuda":
+        return "torch"
+    if reference_forced():
+        _log_once("select-forced", logging.INFO, "hybridize: sparse block scoring on CUDA: reference forced (torch)")
+        return "torch"
+    if _fused_broken is not None:
+        return "torch"
+    from .triton_select import triton_available
+
+    if not triton_available():
+        _log_once("select-notriton", logging.INFO, "hybridize: sparse block scoring on CUDA: torch (triton not installed)")
+        return "torch"
+    _log_once("select-triton", logging.INFO, "hybridize: sparse block scoring on CUDA: fused Triton kernel")
+    return "triton"
+
+
+def _block_scores(
+    q: torch.Tensor,
+    compressed_k: torch.Tensor,
+    visible: torch.Tensor,
+    max_visible: int,
+    n_blocks: int,
+    cfg: SparseConfig,
+    scale: float | None,
+    backend: str,
+) -> torch.Tensor:
+    """:func:`block_scores` with the visible-window counts ``[Tq]`` and their max (a host int) given."""
+    global _fused_broken
     b, hq, tq, d = q.shape
     hkv = compressed_k.shape[1]
     scale = d**-0.5 if scale is None else scale
-    visible = _visible_windows(positions, cfg)
-    nc = min(compressed_k.shape[2], int(visible.max().item()) if tq else 0)
+    nc = min(compressed_k.shape[2], max_visible)
     if nc == 0:
         return q.new_zeros(b, hkv, tq, n_blocks, dtype=torch.float32)
+    if backend == "triton" and _fused_broken is None:
+        try:
+            from .triton_select import fused_block_scores
+
+            return fused_block_scores(q, compressed_k[:, :, :nc], visible, n_blocks, cfg, scale)
+        except Exception as exc:  # a broken triton must not break the model
+            _fused_broken = f"{type(exc).__name__}: {exc}"
+            _log_once(
+                "select-broken",
+                logging.WARNING,
+                "hybridize: the fused Triton block scoring failed (%s); block scoring uses torch",
+                _fused_broken,
+            )
     return _window_block_scores(q, compressed_k[:, :, :nc], visible, n_blocks, cfg, scale)
 
 
@@ -322,15 +389,20 @@ def _window_block_scores(
 def _select_chunk(
     q: torch.Tensor,
     compressed_k: torch.Tensor,
-    positions: torch.Tensor,
+    start: int,
     n_blocks: int,
     cfg: SparseConfig,
     scale: float | None,
+    backend: str,
 ) -> torch.Tensor:
-    """Selected block indices ``[B, Hkv, Tq, K]`` (int64, ascending, -1 padded) for one query chunk."""
+    """Selected block indices ``[B, Hkv, Tq, K]`` (int64, ascending, -1 padded) for the queries at positions
+    ``start .. start + Tq - 1``. Every decision that depends only on the positions is taken on the host (no
+    device sync)."""
     device = q.device
     b, hkv = q.shape[0], compressed_k.shape[1]
-    tq = positions.shape[0]
+    tq = q.shape[2]
+    last = start + tq - 1
+    positions = torch.arange(start, start + tq, device=device)
     qb = torch.div(positions, cfg.block_size, rounding_mode="floor")  # [Tq]
     blocks = torch.arange(n_blocks, device=device)
     n_init = min(cfg.init_blocks, n_blocks)
@@ -342,21 +414,24 @@ def _select_chunk(
     local = qb[:, None] - torch.arange(n_local, device=device)[None, :]
     local = torch.where(local >= cfg.init_blocks, local, -1)
     parts = [init.expand(b, hkv, tq, n_init), local.expand(b, hkv, tq, n_local)]
-    if k_top > 0:
+    # some query of the chunk has a candidate block iff the last one has: init <= b <= qb(last) - local
+    if k_top > 0 and cfg.init_blocks < n_blocks and last // cfg.block_size - cfg.local_blocks >= cfg.init_blocks:
         candidate = (blocks[None, :] >= cfg.init_blocks) & (blocks[None, :] <= qb[:, None] - cfg.local_blocks)
-        if bool(candidate.any()):
-            scores = block_scores(q, compressed_k, positions, n_blocks, cfg, scale)
-            # Exact top-k with ties to the earlier block: adjacent blocks share their boundary windows, so
-            # equal scores are common, and the choice must not depend on tensor sizes (prefill vs decode).
-            # Scores are >= 0, so their fp32 bit patterns order like the values.
-            key = scores.view(torch.int32).long() * _TIE_SPAN + (_TIE_SPAN - 1 - blocks)
-            values, top = key.masked_fill(~candidate, -1).topk(k_top, dim=-1)
-            parts.append(torch.where(values >= 0, top, -1))
+        visible = _visible_windows(positions, cfg)
+        max_visible = num_windows(last + 1, cfg.kernel_size, cfg.kernel_stride)
+        scores = _block_scores(q, compressed_k, visible, max_visible, n_blocks, cfg, scale, backend)
+        # Exact top-k with ties to the earlier block: adjacent blocks share their boundary windows, so
+        # equal scores are common, and the choice must not depend on tensor sizes (prefill vs decode).
+        # Scores are >= 0, so their fp32 bit patterns order like the values.
+        key = scores.view(torch.int32).long() * _TIE_SPAN + (_TIE_SPAN - 1 - blocks)
+        values, top = key.masked_fill(~candidate, -1).topk(k_top, dim=-1)
+        parts.append(torch.where(values >= 0, top, -1))
     idx = torch.cat(parts, dim=-1)
 
-    dense = positions + 1 < cfg.dense_len
-    if bool(dense.any()):
-        width = max(idx.shape[-1], int(qb[dense].max().item()) + 1)
+    if start + 1 < cfg.dense_len:  # the chunk's first query is in the dense regime
+        last_dense = min(last, cfg.dense_len - 2)
+        width = max(idx.shape[-1], last_dense // cfg.block_size + 1)
+        dense = positions + 1 < cfg.dense_len
         idx = F.pad(idx, (0, width - idx.shape[-1]), value=-1)
         every = torch.arange(width, device=device)
         every = torch.where(every[None, :] <= qb[:, None], every, -1)
@@ -378,8 +453,11 @@ def select_block_indices(
 ) -> torch.Tensor:
     """Blocks each query attends to, as index lists (SPEC 1c; rules in the module docstring).
 
-    Memory is bounded at any length: queries are scored in chunks of ``chunk_size`` (default: as many as
-    fit ``2**26`` fp32 scores per intermediate), each chunk against only the windows it can see.
+    Memory is bounded at any length: queries are scored in chunks of ``chunk_size``, each chunk against only
+    the windows it can see. Default chunk: as many queries as fit ``2**26`` fp32 scores per intermediate;
+    with the fused Triton scoring (CUDA, see :func:`block_scores`), which has no ``[.., Nc]``
+    intermediate, as many as fit ``2**26`` block scores ``[B, Hkv, C, n_blocks]`` (about 65x more queries
+    per chunk at SALA sizes). The result does not depend on the chunking. One host sync per call.
 
     Args:
         q: ``[B, Hq, Tq, d]``, the last ``Tq`` positions of ``k``.
@@ -413,12 +491,16 @@ def select_block_indices(
     n_blocks = -(-tk // cfg.block_size)
     if n_blocks >= _TIE_SPAN:
         raise ValueError(f"{tk} keys make {n_blocks} blocks; at most {_TIE_SPAN - 1} are supported")
-    positions = torch.arange(tk - tq, tk, device=q.device)
+    backend = _selection_backend(q.device)
     if chunk_size is None:
-        per_query = hq * max(1, compressed_k.shape[2]) + hkv * n_blocks
-        chunk_size = max(1, min(tq, _SCORE_BUDGET // per_query))
+        if backend == "triton":
+            chunk_size = max(1, min(tq, _FUSED_SCORE_BUDGET // max(1, b * hkv * n_blocks)))
+        else:
+            per_query = hq * max(1, compressed_k.shape[2]) + hkv * n_blocks
+            chunk_size = max(1, min(tq, _SCORE_BUDGET // per_query))
+    past = tk - tq
     chunks = [
-        _select_chunk(q[:, :, s : s + chunk_size], compressed_k, positions[s : s + chunk_size], n_blocks, cfg, scale)
+        _select_chunk(q[:, :, s : s + chunk_size], compressed_k, past + s, n_blocks, cfg, scale, backend)
         for s in range(0, tq, chunk_size)
     ]
     width = max(c.shape[-1] for c in chunks)
