@@ -15,7 +15,7 @@ PYTEST="python3 -m pytest -m gpu -q -rfEs -p no:cacheprovider"
 ) &
 (
   export CUDA_VISIBLE_DEVICES=1
-  timeout $(( $(left) - 10 )) $PYTEST tests/test_sparse_gpu.py tests/test_graph_decode_gpu.py --junitxml=$W/tests_gpu1.xml > $W/tests_gpu1.log 2>&1
+  timeout $(( $(left) - 10 )) $PYTEST tests/test_sparse_gpu.py tests/test_triton_select.py tests/test_prefill_attention_gpu.py tests/test_graph_decode_gpu.py --junitxml=$W/tests_gpu1.xml > $W/tests_gpu1.log 2>&1
   echo "rc $?" >> $W/tests_gpu1.log
 ) &
 wait
