@@ -32,6 +32,14 @@ STAGES = ("stage1", "stage2")
 _OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 def _launch(nproc: int, convert_args: list[str], run_dir: Path, log_path: Path, timeout: float) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "hybridize", "convert", *convert_args, "--out", str(run_dir)]
@@ -92,7 +100,8 @@ def _plot(one: dict, many: dict, n: int, path: Path) -> None:
         ax.set_title(stage)
         ax.set_xlabel("step")
         ax.set_ylabel("loss")
-        ax.legend()
+        if ax.lines:
+            ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -106,15 +115,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per run")
     p.add_argument("--commit", default=os.environ.get("HYBRIDIZE_GIT_COMMIT"), help="git commit to record")
     p.add_argument("convert_args", nargs=argparse.REMAINDER, help="after --: the `hybridize convert` flags (no --out)")
-    args = p.parse_args(argv)
-    convert_args = [a for a in args.convert_args if a != "--"]
-    if "--out" in convert_args:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--" not in argv:
+        p.error("put the `hybridize convert` flags after a lone `--` (e.g. `--gpus 2 -- --data corpus.jsonl ...`)")
+    split = argv.index("--")
+    args = p.parse_args(argv[:split])
+    convert_args = argv[split + 1 :]
+    if not convert_args:
+        p.error("no `hybridize convert` flags after `--`: give at least the budgets (a default conversion takes hours)")
+    if any(a == "--out" or a.startswith("--out=") for a in convert_args):
         p.error("give no --out among the convert flags: the script chooses one run directory per process count")
     if args.gpus < 2:
         p.error("--gpus must be >= 2 (the 1-GPU run is always made)")
     if torch.cuda.is_available() and torch.cuda.device_count() < args.gpus:
         p.error(f"--gpus {args.gpus} but this machine has {torch.cuda.device_count()} GPUs")
-    args.out.mkdir(parents=True, exist_ok=True)
+    for path in (args.out, args.runs):
+        if path is not None and (path.is_file() or any(q.is_file() for q in path.parents)):
+            p.error(f"{path} is a file or lies under one: choose a directory")
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        p.error(f"cannot create --out {args.out}: {exc.strerror}")
     runs = args.runs or args.out / "runs"
     result = {
         "benchmark": "benchmarks/fsdp_scaling.py",
@@ -124,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "nccl": ".".join(map(str, torch.cuda.nccl.version())) if torch.cuda.is_available() else None,
-        "git_commit": args.commit,
+        "git_commit": args.commit or _git_commit(),
         "multicast_env": {k: os.environ.get(k) for k in _OFF},
         "runs": {},
     }
@@ -139,12 +160,16 @@ def main(argv: list[str] | None = None) -> int:
     result["comparison"] = _compare(figs["1gpu"], figs[f"{args.gpus}gpu"])
     (args.out / "results.json").write_text(json.dumps(result, indent=1))
     _plot(figs["1gpu"], figs[f"{args.gpus}gpu"], args.gpus, args.out / "loss_curves.png")
+    failed = [k for k, r in result["runs"].items() if r["returncode"] != 0]
+    for key in failed:
+        print(f"[fsdp_scaling] the {key} run failed (exit {result['runs'][key]['returncode']}): see {args.out / result['runs'][key]['log']}",
+              file=sys.stderr)
     for stage, c in result["comparison"].items():
         if c:
             print(f"{stage}: final loss {c['final_loss_1']:.5f} (1 GPU) vs {c['final_loss_n']:.5f} ({args.gpus} GPUs), "
                   f"rel diff {c['final_loss_rel_diff']:.2e}, max step rel diff {c['max_step_rel_diff']:.2e}, "
                   f"speedup {c['speedup'] if c['speedup'] is None else round(c['speedup'], 3)}")
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -45,4 +45,11 @@ def build(out: Path, paragraphs_per_doc: int = 10) -> dict:
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True)
-    print(json.dumps(build(p.parse_args().out), indent=1))
+    out = p.parse_args().out
+    if out.is_dir() or any(q.is_file() for q in out.parents):
+        p.error(f"--out {out} must be a file path whose parent folders are folders")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        p.error(f"cannot create {out.parent}: {exc.strerror}")
+    print(json.dumps(build(out), indent=1))

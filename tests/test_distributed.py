@@ -41,3 +41,24 @@ def test_fsdp2_two_processes_match_one(tiny_teacher_dir, data_file, tmp_path):  
     assert wa.keys() == wb.keys()
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_fsdp_scaling_script_refuses_bad_arguments(tmp_path):
+    """benchmarks/fsdp_scaling.py: convert flags only after `--`, none of them --out, --out a directory."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("fsdp_scaling", Path(__file__).parents[1] / "benchmarks" / "fsdp_scaling.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for argv in (["--gpus", "2", "--out", str(tmp_path / "o")],  # no --
+                 ["--gpus", "2", "--out", str(tmp_path / "o"), "--"],  # nothing after --
+                 ["--gpus", "2", "--out", str(tmp_path / "o"), "--", "--out=/x"],
+                 ["--gpus", "1", "--", "--no-eval"],
+                 ["--gpus", "2", "--out", str(afile), "--", "--no-eval"]):
+        with pytest.raises(SystemExit) as exc:
+            mod.main(argv)
+        assert exc.value.code == 2, argv
+    assert not (tmp_path / "o").exists()
