@@ -324,7 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--stage3-lr", type=_positive_float, default=d.stage3_lr, help="stage 3 learning rate (constant)")
     c.add_argument("--num-attention", type=int, default=None, help="attention layers to keep (default: floor(L/4))")
     c.add_argument("--selection", choices=SELECTION_METHODS, default=d.selection, help="layer selection method")
-    c.add_argument("--layer-types", default=None, help="fixed schedule, one letter a layer (A attention, L lightning); skips selection")
+    c.add_argument("--layer-types", default=None, help="fixed schedule, one letter a layer (A attention, L lightning, S sparse; under --recipe sala "
+                        "A means sparse); skips selection (--num-attention, if given, must match its count)")
     c.add_argument("--recall-tasks", nargs="+", default=None, help="lm-eval tasks for the recall score R (e.g. squad_completion fda swde); needs lm-eval and network")
     c.add_argument("--general-tasks", nargs="+", default=None, help="lm-eval tasks for the general score C (e.g. hellaswag arc_easy arc_challenge)")
     c.add_argument("--lm-eval-limit", type=int, default=None, help="examples per lm-eval task")
