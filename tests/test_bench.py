@@ -148,6 +148,39 @@ def test_bench_rejects_bad_arguments(capsys):
     assert "lengths" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main([*ARGS, "--presets", "nope"])
+    for flag, value in (("--time-budget", "-1"), ("--total-budget", "0"), ("--total-budget", "-5")):
+        with pytest.raises(SystemExit) as info:
+            main([*ARGS, "--presets", "tiny", flag, value])
+        assert info.value.code == 2 and f"argument {flag}" in capsys.readouterr().err
+
+
+def test_bench_checks_out_and_budgets_before_building_a_model(tmp_path, monkeypatch, capsys):
+    import hybridize.bench.runner as runner
+    from hybridize.bench import BenchOptions, run_bench
+
+    def no_build(*a, **k):
+        raise AssertionError("a model was built before the arguments were checked")
+
+    monkeypatch.setattr(runner, "build_model", no_build)
+    monkeypatch.setattr(measure, "copy_bandwidth", no_build)
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    for out in (a_file, a_file / "sub"):
+        assert main([*ARGS, "--presets", "tiny", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert f"--out {out} is not a writable directory" in err and "Traceback" not in err, err
+    for key, value in (("time_budget", 0), ("total_budget", -1.0), ("time_budget", float("nan"))):
+        with pytest.raises(ValueError, match="budget must be a number of seconds > 0"):
+            run_bench(BenchOptions(presets=["tiny"], device="cpu", out=str(tmp_path / "b"), **{key: value}))
+    assert not (tmp_path / "b").exists()
+
+
+def test_bench_measures_a_repeated_length_once(tmp_path):
+    out = tmp_path / "d"
+    assert main([*ARGS, "--presets", "tiny", "tiny", "--lengths", "64", "64", "--no-warmup", "--out", str(out)]) == 0
+    data = _load(out)
+    assert [(r["preset"], r["context"]) for r in data["results"]] == [("tiny", 64)]
+    assert data["runs"][-1]["lengths"] == [64] and data["runs"][-1]["presets"] == ["tiny"]
 
 
 def test_predict_seconds():

@@ -285,6 +285,11 @@ def test_cli_heldout_too_short_is_named_before_any_output(capsys, tmp_path, tiny
     (["--layer-types", ""], "--layer-types is empty"),
     (["--num-attention", "5"], r"--num-attention must be in \[0, 4\]"),
     (["--num-attention", "-1"], r"--num-attention must be in \[0, 4\]"),
+    (["--seq-len", "1"], "--seq-len must be an integer >= 2"),
+    (["--stage3", "--stage3-seq-len", "1"], "--stage3-seq-len must be an integer >= 2"),
+    (["--layer-types", "ALLA", "--num-attention", "1"],
+     "--num-attention 1 disagrees with --layer-types 'ALLA', which keeps 2 attention layers"),
+    (["--recipe", "sala", "--layer-types", "SLLA", "--num-attention", "3"], "which keeps 2 attention layers"),
 ])
 def test_cli_convert_checks_schedule_before_loading_the_teacher(capsys, tmp_path, tiny_teacher_dir, data_file, monkeypatch,
                                                                 extra, message):
@@ -550,6 +555,24 @@ def test_sala_recipe_keeps_first_and_last_as_sparse(tiny_teacher_dir, data_file,
     assert model.config.sparse_config["dense_len"] == 8192  # SALA defaults: dense below 8K, sparse above
     ids = torch.randint(0, model.config.vocab_size, (1, 12))
     assert torch.isfinite(model(ids).logits).all()
+
+
+def test_sala_recipe_maps_given_attention_letters_to_sparse(tiny_teacher_dir, data_file, tmp_path, caplog):
+    import logging
+
+    from hybridize.convert.pipeline import final_model_dir, given_layer_types
+
+    assert given_layer_types(ConvertOptions(layer_types="ALSL", recipe="hypenet")) == [
+        "attention", "lightning", "sparse", "lightning"]
+    assert given_layer_types(ConvertOptions(layer_types="ALSL", recipe="sala")) == [
+        "sparse", "lightning", "sparse", "lightning"]
+    with caplog.at_level(logging.INFO, logger="hybridize"):
+        summary = run_convert(_opts(tiny_teacher_dir, data_file, tmp_path / "run", recipe="sala", layer_types="ALLA",
+                                    num_attention=2))
+    assert summary["selection"]["layer_types"] == ["sparse", "lightning", "lightning", "sparse"]
+    assert "A layers of --layer-types ALLA become InfLLM-V2 sparse attention (schedule SLLS)" in caplog.text
+    model = HybridForCausalLM.from_pretrained(final_model_dir(tmp_path / "run"))
+    assert model.config.layer_types == ["sparse", "lightning", "lightning", "sparse"]
 
 
 def test_cli_rejects_bad_numbers_and_out_paths(capsys, tmp_path, tiny_teacher_dir, data_file):

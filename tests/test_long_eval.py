@@ -169,7 +169,7 @@ def test_cli_eval_long_report(model_dir, tmp_path, capsys):
     code = main(["eval", "--model", str(model_dir), "--teacher", str(model_dir), "--out", str(out),
                  "--ppl-text", "essay", "--ppl-lengths", "64", "256", "--ppl-sequences", "2",
                  "--buckets", "0", "32", "128", "--passkey-lengths", "128", "256", "--passkey-trials", "2",
-                 "--passkey-forms", "repeated", "essay", "--device", "cpu", "--no-progress"])
+                 "--passkey-forms", "repeated", "essay", "repeated", "--device", "cpu", "--no-progress"])
     text = capsys.readouterr().out
     assert code == 0
     assert sorted(p.name for p in out.iterdir()) == ["buckets.png", "passkey.png", "perplexity.png",
@@ -191,17 +191,39 @@ def test_cli_eval_long_report(model_dir, tmp_path, capsys):
 
 @pytest.mark.parametrize("extra, message", [
     (["--buckets", "0", "2048", "1024"], "--buckets must be strictly increasing"),
-    (["--ppl-lengths", "100000000"], r"perplexity at 100000000 tokens .* held-out text has only \d+ tokens"),
-    (["--ppl-text", "essay", "--ppl-lengths", "100000000"], r"held-out essay text has only \d+ tokens"),
-    (["--out", "FILE"], "is not a writable directory"),
+    (["--ppl-lengths", "4000000"], r"perplexity at 4000000 tokens .* held-out text has only \d+ tokens"),
+    (["--ppl-text", "essay", "--ppl-lengths", "4000000"], r"held-out essay text has only \d+ tokens"),
+    (["--out", "FILE"], r"is not a writable directory \(is a file\)"),
     (["--out", "FILE/sub"], "is not a writable directory"),
+    (["--ppl-lengths", "1"], r"--ppl-lengths must be at least 2 tokens .*got 1"),
+    (["--ppl-lengths", "64", "100000000"], r"--ppl-lengths 100000000 is above the limit of 4194304 tokens"),
+    (["--passkey-lengths", "100000000"], r"--passkey-lengths 100000000 is above the limit of 4194304 tokens"),
+    (["--passkey-lengths", "1"], r"--passkey-lengths \(repeated filler\): context_len=1 is too small.*use at least \d+"),
+    (["--passkey-forms", "essay", "--passkey-lengths", "1024", "8"], r"\(essay filler\): context_len=8 is too small"),
+    (["--buckets", "100", "200", "--ppl-lengths", "32"], r"--buckets starts at 100, at or past the longest --ppl-lengths 32"),
+    (["--buckets", "16", "200", "--ppl-lengths", "32"], r"--buckets must start at 0, got 16: the tokens before"),
+    (["--model", "EMPTY"], r"model directory \S+ has no config.json"),
+    (["--teacher", "EMPTY"], r"teacher directory \S+ has no config.json"),
 ])
-def test_cli_eval_bad_arguments_exit_2(model_dir, tmp_path, capsys, extra, message):
+def test_cli_eval_bad_arguments_exit_2(model_dir, tmp_path, capsys, monkeypatch, extra, message):
+    import hybridize.eval.suite as suite
+
+    def no_metrics(*a, **k):
+        raise AssertionError("a metric ran before the arguments were checked")
+
+    monkeypatch.setattr(suite, "heldout_perplexity", no_metrics)
+    monkeypatch.setattr(suite, "passkey_accuracy", no_metrics)
     (tmp_path / "file").write_text("x")
-    extra = [a.replace("FILE", str(tmp_path / "file")) for a in extra]
+    (tmp_path / "empty").mkdir()
+    extra = [a.replace("FILE", str(tmp_path / "file")).replace("EMPTY", str(tmp_path / "empty")) for a in extra]
+    out = tmp_path / "new" / "report"
+    if "--out" not in extra:
+        extra += ["--out", str(out)]
     assert main(["eval", "--model", str(model_dir), "--device", "cpu", "--no-progress", *extra]) == 2
     err = capsys.readouterr().err
     assert re.search(message, err), err
+    assert "Traceback" not in err
+    assert not (tmp_path / "new").exists()  # the --out this call created is removed again
 
 
 def test_cli_eval_checks_out_before_loading_and_writes_nothing_on_error(model_dir, tmp_path, capsys, monkeypatch):
@@ -222,14 +244,19 @@ def test_cli_eval_checks_out_before_loading_and_writes_nothing_on_error(model_di
             locked.mkdir(mode=0o500)
             assert main(["eval", "--model", str(model_dir), "--out", str(locked / "report"), "--device", "cpu"]) == 2
             assert "is not a writable directory" in capsys.readouterr().err
-    # a perplexity length past the held-out text: exit 2 before any evaluation, no report written
+    # a perplexity length past the held-out text: exit 2 before any evaluation, no report written; the
+    # directory this call created is removed again, one that existed before is kept
     out = tmp_path / "report"
-    assert main(["eval", "--model", str(model_dir), "--out", str(out), "--ppl-lengths", "64", "100000000",
+    assert main(["eval", "--model", str(model_dir), "--out", str(out), "--ppl-lengths", "64", "4000000",
                  "--device", "cpu", "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert re.search(r"perplexity at 100000000 tokens .* held-out text has only \d+ tokens", err), err
+    assert re.search(r"perplexity at 4000000 tokens .* held-out text has only \d+ tokens", err), err
     assert "lower --ppl-lengths" in err and "Traceback" not in err
-    assert not any(out.iterdir())
+    assert not out.exists()
+    out.mkdir()
+    assert main(["eval", "--model", str(model_dir), "--out", str(out), "--ppl-lengths", "4000000",
+                 "--device", "cpu", "--no-progress"]) == 2
+    assert out.is_dir() and not any(out.iterdir())
 
 
 @pytest.mark.parametrize("extra", [["--ppl-lengths", "0"], ["--passkey-trials", "0"], ["--buckets", "-1"],

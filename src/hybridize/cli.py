@@ -324,7 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--stage3-lr", type=_positive_float, default=d.stage3_lr, help="stage 3 learning rate (constant)")
     c.add_argument("--num-attention", type=int, default=None, help="attention layers to keep (default: floor(L/4))")
     c.add_argument("--selection", choices=SELECTION_METHODS, default=d.selection, help="layer selection method")
-    c.add_argument("--layer-types", default=None, help="fixed schedule, one letter a layer (A attention, L lightning); skips selection")
+    c.add_argument("--layer-types", default=None, help="fixed schedule, one letter a layer (A attention, L lightning, S sparse; under --recipe sala "
+                        "A means sparse); skips selection (--num-attention, if given, must match its count)")
     c.add_argument("--recall-tasks", nargs="+", default=None, help="lm-eval tasks for the recall score R (e.g. squad_completion fda swde); needs lm-eval and network")
     c.add_argument("--general-tasks", nargs="+", default=None, help="lm-eval tasks for the general score C (e.g. hellaswag arc_easy arc_challenge)")
     c.add_argument("--lm-eval-limit", type=int, default=None, help="examples per lm-eval task")
@@ -405,15 +406,17 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     b.add_argument("--presets", nargs="+", required=True, choices=preset_names(), metavar="PRESET",
                    help=f"models to build with random weights: {', '.join(preset_names())}")
-    b.add_argument("--lengths", type=int, nargs="+", default=list(DEFAULT_LENGTHS), help="context lengths (tokens)")
+    b.add_argument("--lengths", type=int, nargs="+", default=list(DEFAULT_LENGTHS),
+                   help="context lengths (tokens; a repeated length is measured once)")
     b.add_argument("--decode-tokens", type=int, default=64, help="timed decode steps per measurement")
-    b.add_argument("--out", default=DEFAULT_OUT, help="directory for results.json, results.md and the plots (merged with earlier runs there)")
+    b.add_argument("--out", default=DEFAULT_OUT, help="directory for results.json, results.md and the plots (merged with "
+                                                      "earlier runs there); checked writable before any model is built")
     b.add_argument("--device", default=None, choices=["cuda", "cpu"], help="default: cuda if available")
     b.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"], help="default: bfloat16 on CUDA, float32 on CPU")
     b.add_argument("--chunk-size", type=int, default=16384, help="prefill chunk (tokens) of the hybridize presets")
-    b.add_argument("--time-budget", type=float, default=300.0,
+    b.add_argument("--time-budget", type=_nonnegative_float, default=300.0,
                    help="skip a measurement predicted (from shorter lengths) to take longer than this many seconds; 0 = no limit")
-    b.add_argument("--total-budget", type=float, default=None, help="skip measurements predicted to end after this many seconds of the run")
+    b.add_argument("--total-budget", type=_positive_float, default=None, help="skip measurements predicted to end after this many seconds of the run")
     b.add_argument("--decode-attention", default="auto", choices=["auto", "flex", "split"],
                    help="decode attention over the static cache (auto: flex on CUDA, split if flex fails)")
     b.add_argument("--prefill-attention", default=None, choices=["sdpa", "split", "flex"],

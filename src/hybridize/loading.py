@@ -23,13 +23,15 @@ def is_hybrid_checkpoint(path: str | Path) -> bool:
         return False
 
 
-def load_model(spec: str | None, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+def load_model(spec: str | None, dtype: torch.dtype = torch.float32, device: str = "cpu", role: str = "model"):
     """``(model, tokenizer)`` for a hybrid checkpoint directory or a teacher spec.
 
     A run directory of ``hybridize convert`` is accepted too (its final model is used; FileNotFoundError
     when the run has no finished model yet). A directory in a
     released format (HypeNet ``model_type: hypenet``, MiniCPM-SALA ``model_type: minicpm_sala`` or
     ``mixer_types`` with ``minicpm4``) is imported by :func:`hybridize.models.released.import_released`.
+    ``role`` names what ``spec`` is in the messages of a missing path or a directory without
+    ``config.json`` (``"model"``, or ``"teacher"`` for ``eval --teacher``).
 
     Raises:
         hybridize.errors.TeacherNotFoundError / UnsupportedTeacherError: as :func:`load_teacher`; also a
@@ -40,12 +42,22 @@ def load_model(spec: str | None, dtype: torch.dtype = torch.float32, device: str
     from transformers import AutoTokenizer
 
     from .convert.pipeline import final_model_dir, is_run_dir
-    from .convert.teachers import check_tokenizer_files, load_teacher
+    from .convert.teachers import DEFAULT_TEACHER, _looks_like_path, check_tokenizer_files, load_teacher
+    from .errors import TeacherNotFoundError
     from .models import HybridForCausalLM
     from .models.released import import_released, released_format
 
     if spec is not None and is_run_dir(spec):
         spec = str(final_model_dir(Path(spec)))
+    if spec is not None and spec != DEFAULT_TEACHER:
+        path = Path(spec).expanduser()
+        if path.is_dir() and not (path / "config.json").is_file():
+            raise TeacherNotFoundError(
+                f"{role} directory {path} has no config.json, so it is not a checkpoint (converted, released or "
+                "teacher) nor a `hybridize convert` run directory (one with stage1/, stage2/, ...): pass one of those"
+            )
+        if not path.exists() and _looks_like_path(spec):
+            raise TeacherNotFoundError(f"{role} path {path} does not exist")
     if spec is not None and Path(spec).is_dir() and released_format(spec) is not None:
         check_tokenizer_files(spec)
         model = import_released(spec, dtype=dtype, device=device)

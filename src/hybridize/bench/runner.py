@@ -15,17 +15,19 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import platform
 import shlex
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from ..ops.attention import PREFILL_ATTENTION_IMPLS, prefill_attention
+from ..outdir import check_writable_dir, removed_if_left_empty
 from . import measure
 from .presets import PRESETS, Preset, build_model, layer_schedule
 from .report import load_results, merge_rows, write_markdown, write_plots, write_results
@@ -44,15 +46,17 @@ class BenchOptions:
     """Options of :func:`run_bench` (the CLI flags of ``hybridize bench``).
 
     Attributes:
-        presets: names from :data:`~hybridize.bench.presets.PRESETS`.
-        lengths: context lengths (tokens) to measure, each >= 1.
+        presets: names from :data:`~hybridize.bench.presets.PRESETS` (a repeated name counts once).
+        lengths: context lengths (tokens) to measure, each >= 1 (a repeated length counts once).
         decode_tokens: timed decode steps per measurement (>= 1).
-        out: output directory (``results.json``, ``results.md``, ``ttft.png``, ``decode.png``, ``memory.png``).
+        out: output directory (``results.json``, ``results.md``, ``ttft.png``, ``decode.png``, ``memory.png``);
+            checked to be a writable directory before any model is built.
         device: ``"cuda"`` (default when available) or ``"cpu"``.
         dtype: ``"bfloat16"`` (default on CUDA), ``"float16"`` or ``"float32"`` (default on CPU).
         chunk_size: prefill chunk of the hybridize presets (tokens).
-        time_budget: seconds one measurement may take (predicted); longer ones are skipped. None = no limit.
-        total_budget: seconds the whole call may take (predicted); later measurements are skipped. None = no limit.
+        time_budget: seconds (> 0) one measurement may take (predicted); longer ones are skipped. None = no limit.
+        total_budget: seconds (> 0) the whole call may take (predicted); later measurements are skipped. None = no
+            limit.
         decode_attention: ``auto`` / ``flex`` / ``split`` (see :class:`~hybridize.inference.GraphDecoder`).
         prefill_attention: ``sdpa`` / ``split`` / ``flex``: attention of each prefill chunk over the cache (see
             :func:`~hybridize.ops.attention.prefill_chunk_attention`); None = ``$HYBRIDIZE_PREFILL_ATTENTION``
@@ -140,6 +144,9 @@ def _validate(opts: BenchOptions) -> tuple[torch.device, torch.dtype]:
         raise ValueError(f"lengths must be >= 1 tokens, got {opts.lengths}")
     if opts.decode_tokens < 1 or opts.chunk_size < 1:
         raise ValueError("decode_tokens and chunk_size must be >= 1")
+    for flag, budget in (("--time-budget", opts.time_budget), ("--total-budget", opts.total_budget)):
+        if budget is not None and not (isinstance(budget, (int, float)) and math.isfinite(budget) and budget > 0):
+            raise ValueError(f"{flag} must be a number of seconds > 0 (or none for no limit), got {budget!r}")
     if opts.decode_attention not in ("auto", "flex", "split"):
         raise ValueError(f"decode_attention must be auto, flex or split, got {opts.decode_attention!r}")
     if opts.prefill_attention is not None and opts.prefill_attention not in PREFILL_ATTENTION_IMPLS:
@@ -154,6 +161,7 @@ def _validate(opts: BenchOptions) -> tuple[torch.device, torch.dtype]:
     dtype_name = opts.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     if dtype_name not in ("bfloat16", "float16", "float32"):
         raise ValueError(f"dtype must be bfloat16, float16 or float32, got {dtype_name!r}")
+    check_writable_dir(opts.out, "--out")  # last: the directory is created only when everything else is fine
     return device, getattr(torch, dtype_name)
 
 
@@ -238,9 +246,17 @@ def run_bench(opts: BenchOptions, log=_print) -> dict:
         (the table).
 
     Raises:
-        ValueError: unknown presets, bad lengths/sizes, or ``cuda`` asked without a GPU.
+        ValueError: unknown presets, bad lengths/sizes/budgets, ``cuda`` asked without a GPU, or ``out`` not a
+            writable directory (all checked before any model is built; an ``out`` this call created is
+            removed again when the call fails before writing into it).
     """
+    with removed_if_left_empty(opts.out):
+        return _run_bench(opts, log)
+
+
+def _run_bench(opts: BenchOptions, log) -> dict:
     device, dtype = _validate(opts)
+    opts = replace(opts, presets=list(dict.fromkeys(opts.presets)), lengths=list(dict.fromkeys(opts.lengths)))
     if device.type == "cuda":
         _raise_recompile_limit(64)
     out_dir = Path(opts.out)

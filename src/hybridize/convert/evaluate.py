@@ -9,8 +9,6 @@ tokens/s, cache bytes per token and at 8K context, and the layer schedule.
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -18,7 +16,7 @@ from pathlib import Path
 import torch
 
 __all__ = ["heldout_sequences", "passkey_fillers", "check_eval_args", "evaluate_run", "evaluate_models",
-           "PPL_TEXTS", "PASSKEY_FORMS"]
+           "PPL_TEXTS", "PASSKEY_FORMS", "MAX_EVAL_LENGTH"]
 
 log = logging.getLogger("hybridize")
 
@@ -27,6 +25,10 @@ PPL_TEXTS = ("heldout", "essay")
 #: ``--passkey-forms`` choices: classic repeated filler sentences, or held-out Paul Graham essay text
 PASSKEY_FORMS = ("repeated", "essay")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+#: longest perplexity / pass-key length accepted (4M tokens). Not the model's trained context (evaluating past
+#: it is the point), but a bound on the text built in memory: a pass-key prompt is tokenised from a string of
+#: ~4 characters a token, several candidate lengths at once.
+MAX_EVAL_LENGTH = 4 * 1024 * 1024
 
 
 def heldout_sequences(
@@ -176,25 +178,23 @@ def evaluate_run(teacher, tokenizer, model_dir: Path, heldout_tok, run_dir: Path
     )
 
 
-def _check_lengths(name: str, values: Sequence[int]) -> list[int]:
+def _check_lengths(name: str, values: Sequence[int], minimum: int = 1, why: str = "") -> list[int]:
     values = list(values)
     if not values:
         raise ValueError(f"{name} needs at least one length")
     bad = [v for v in values if isinstance(v, bool) or not isinstance(v, int) or v < 1]
     if bad:
         raise ValueError(f"{name} must be positive integers (tokens), got {bad[0]!r}")
+    short = [v for v in values if v < minimum]
+    if short:
+        raise ValueError(f"{name} must be at least {minimum} tokens{why}, got {short[0]}")
+    long = [v for v in values if v > MAX_EVAL_LENGTH]
+    if long:
+        raise ValueError(
+            f"{name} {long[0]} is above the limit of {MAX_EVAL_LENGTH} tokens (4M; the text of longer prompts is "
+            f"not built in reasonable memory): give lengths <= {MAX_EVAL_LENGTH}"
+        )
     return values
-
-
-def _check_out_dir(out_dir: Path) -> None:
-    """Create ``out_dir`` and write + delete a probe file in it; ValueError when that fails."""
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=out_dir, prefix=".write-test-")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        raise ValueError(f"--out {out_dir} is not a writable directory ({exc.strerror or exc})") from None
 
 
 def check_eval_args(
@@ -214,12 +214,20 @@ def check_eval_args(
     Creates ``out_dir`` and checks it is writable. Returns ``(device, torch dtype)`` with the device
     resolved (None -> ``"cuda"`` when available, else ``"cpu"``).
 
+    Pass-key lengths too short for the prompt's fixed text are found only with the tokenizer
+    (:func:`~hybridize.eval.passkey.prepare_passkey_prompts`, run by :func:`evaluate_models` right after
+    loading).
+
     Raises:
-        ValueError: lengths not positive ints, ``passkey_trials`` or ``ppl_sequences`` < 1, bucket edges
-            not strictly increasing non-negative ints, unknown ``ppl_text`` / pass-key form / dtype,
-            ``device`` not cpu/cuda or cuda without a CUDA device, ``out_dir`` not writable.
+        ValueError: lengths not positive ints, a perplexity length < 2, a length above
+            :data:`MAX_EVAL_LENGTH`, ``passkey_trials`` or ``ppl_sequences`` < 1, bucket edges not strictly
+            increasing non-negative ints starting at 0 (and below the longest perplexity length), unknown
+            ``ppl_text`` / pass-key form / dtype, ``device`` not cpu/cuda or cuda without a CUDA device,
+            ``out_dir`` not writable.
     """
-    _check_lengths("--ppl-lengths", ppl_lengths)
+    from ..outdir import check_writable_dir
+
+    _check_lengths("--ppl-lengths", ppl_lengths, 2, " (each token's loss is predicted from the ones before it)")
     _check_lengths("--passkey-lengths", passkey_lengths)
     for flag, value in (("--passkey-trials", passkey_trials), ("--ppl-sequences", ppl_sequences)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -232,6 +240,13 @@ def check_eval_args(
             raise ValueError(f"--buckets must be non-negative integers (token positions), got {edges}")
         if any(b <= a for a, b in zip(edges, edges[1:])):
             raise ValueError(f"--buckets must be strictly increasing, got {edges}")
+        longest = max(ppl_lengths)
+        if edges[0] >= longest:
+            raise ValueError(f"--buckets starts at {edges[0]}, at or past the longest --ppl-lengths {longest}: no "
+                             "bucket would hold a token; start the buckets at 0")
+        if edges[0] != 0:
+            raise ValueError(f"--buckets must start at 0, got {edges[0]}: the tokens before the first edge would be "
+                             f"dropped from every bucket; give 0 {' '.join(map(str, edges))}")
     if not passkey_forms:
         raise ValueError("--passkey-forms needs at least one form")
     unknown = [f for f in passkey_forms if f not in PASSKEY_FORMS]
@@ -246,7 +261,7 @@ def check_eval_args(
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda was given but this torch has no CUDA device; use --device cpu")
     if out_dir is not None:
-        _check_out_dir(Path(out_dir))
+        check_writable_dir(out_dir, "--out")
     return device, _DTYPES[dtype]
 
 
@@ -270,8 +285,10 @@ def evaluate_models(
 
     Arguments are checked first (:func:`check_eval_args`, including that ``out_dir`` is writable), then
     the models are loaded onto ``device`` in ``dtype``, the text is prepared (a perplexity length longer
-    than the chosen text is an error naming the text's length) and each model is evaluated with
-    :func:`~hybridize.eval.evaluate_model`.
+    than the chosen text is an error naming the text's length), the first pass-key prompt of every length
+    and form is built (a length too short for the prompt's fixed text is an error) and each model is
+    evaluated with :func:`~hybridize.eval.evaluate_model`. Repeated lengths and forms count once. When the
+    call fails, an ``out_dir`` it created and left empty is removed.
 
     Args:
         model: converted model dir, run dir, released checkpoint or teacher spec (:func:`load_model`).
@@ -303,23 +320,40 @@ def evaluate_models(
         ValueError: bad arguments (see :func:`check_eval_args`); DataError (a ValueError) when a
             perplexity length exceeds the chosen held-out text.
     """
+    from ..outdir import removed_if_left_empty
+
+    with removed_if_left_empty(out_dir):
+        return _evaluate_models(model, teacher, out_dir, ppl_lengths, passkey_lengths, passkey_trials, ppl_sequences,
+                                seed, ppl_text, bucket_edges, passkey_forms, device, dtype, progress)
+
+
+def _evaluate_models(model, teacher, out_dir, ppl_lengths, passkey_lengths, passkey_trials, ppl_sequences, seed,
+                     ppl_text, bucket_edges, passkey_forms, device, dtype, progress) -> dict:
     from ..data import document_separator_id, load_default_corpus, tokenize_documents
+    from ..eval.passkey import prepare_passkey_prompts
     from ..loading import load_model
 
     device, torch_dtype = check_eval_args(out_dir, ppl_lengths, passkey_lengths, passkey_trials, ppl_sequences,
                                           ppl_text, bucket_edges, passkey_forms, device, dtype)
+    ppl_lengths, passkey_lengths, passkey_forms = (tuple(dict.fromkeys(v))
+                                                   for v in (ppl_lengths, passkey_lengths, passkey_forms))
     start = time.perf_counter()
     corpus = load_default_corpus()
     models = {}
     if teacher is not None:
-        models["teacher"], tokenizer = load_model(teacher, dtype=torch_dtype, device=device)
-    models["model"], tokenizer = load_model(model, dtype=torch_dtype, device=device)
+        models["teacher"], tokenizer = load_model(teacher, dtype=torch_dtype, device=device, role="teacher")
+    models["model"], tokenizer = load_model(model, dtype=torch_dtype, device=device, role="model")
+    fillers = passkey_fillers(passkey_forms, corpus)
+    for form, text in fillers.items():  # before any metric: a too-short length fails now, not after perplexity
+        try:
+            prepare_passkey_prompts(tokenizer, text, passkey_lengths, seed=seed)
+        except ValueError as exc:
+            raise ValueError(f"--passkey-lengths ({form} filler): {exc}; raise the pass-key lengths") from None
     docs = corpus.by_source("heldout", "essay") if ppl_text == "essay" else corpus.heldout
     name = "held-out essay" if ppl_text == "essay" else "held-out"
     heldout = heldout_sequences(tokenize_documents(docs, tokenizer), ppl_lengths, ppl_sequences,
                                 document_separator_id(tokenizer), concatenate=ppl_text == "essay", strict=True,
                                 name=name)
-    fillers = passkey_fillers(passkey_forms, corpus)
     config = {
         "model": model, "teacher": teacher, "device": device, "dtype": dtype, "ppl_text": ppl_text,
         "ppl_lengths": list(ppl_lengths), "ppl_sequences": {str(k): int(v.shape[0]) for k, v in heldout.items()},

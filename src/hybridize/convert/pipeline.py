@@ -23,7 +23,7 @@ from .distill import MODEL_DIR, run_stage2, run_stage3
 from .stage import StageDir, atomic_write_text, setup_logging
 from .trainer import TrainSettings, plan_steps
 
-__all__ = ["ConvertOptions", "check_convert_options", "run_convert", "run_selection", "reselect", "saved_selection",
+__all__ = ["ConvertOptions", "check_convert_options", "given_layer_types", "run_convert", "run_selection", "reselect", "saved_selection",
            "final_model_dir", "is_run_dir", "load_run_data", "split_heldout"]
 
 log = logging.getLogger("hybridize")
@@ -115,18 +115,40 @@ def _settings(opts: ConvertOptions, stage: str) -> TrainSettings:
     return TrainSettings(opts.stage3_tokens, opts.stage3_seq_len, opts.stage3_batch, opts.stage3_lr, opts.stage3_lr, checkpoint_every=every)
 
 
+def given_layer_types(opts: ConvertOptions) -> list[str] | None:
+    """The schedule of ``--layer-types`` as mixer types (None when not given), with the recipe applied:
+    under ``--recipe sala`` the kept layers are sparse attention, so the letter ``A`` means sparse there
+    (``S`` is accepted too); under ``hypenet`` the letters are taken as written.
+
+    Raises:
+        ValueError: an empty schedule or a letter other than A/L/S.
+    """
+    from ..models import layer_types_from_str
+
+    if opts.layer_types is None:
+        return None
+    if not opts.layer_types:
+        raise ValueError("--layer-types is empty: give one letter a layer (A attention, L lightning, S sparse)")
+    try:
+        types = layer_types_from_str(opts.layer_types)
+    except ValueError as exc:
+        raise ValueError(f"--layer-types: {exc}") from None
+    if opts.recipe == "sala":
+        types = ["sparse" if t == "attention" else t for t in types]
+    return types
+
+
 def check_convert_options(opts: ConvertOptions, num_layers: int | None = None) -> None:
     """Validate the options of a conversion before anything slow runs or any output is written: learning
-    rates, recipe, ``--layer-types`` letters, ``--threads`` / ``--device``, and, given the teacher's
-    ``num_layers``, the ``--layer-types`` length and ``--num-attention`` range. Token budgets are checked by
+    rates, recipe, sequence lengths (>= 2 tokens), ``--layer-types`` letters and its agreement with
+    ``--num-attention``, ``--threads`` / ``--device``, and, given the teacher's ``num_layers``, the
+    ``--layer-types`` length and ``--num-attention`` range. Token budgets are checked by
     :func:`~hybridize.convert.trainer.plan_steps`.
 
     Raises:
         ValueError: names the flag, the value and what is accepted.
     """
     import math
-
-    from ..models import layer_types_from_str
 
     for flag, lr in (("--stage1-lr", opts.stage1_lr), ("--stage2-lr", opts.stage2_lr), ("--stage3-lr", opts.stage3_lr)):
         if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and lr > 0):
@@ -139,14 +161,18 @@ def check_convert_options(opts: ConvertOptions, num_layers: int | None = None) -
         raise ValueError(f"--device must be cpu or cuda, got {opts.device!r}")
     if opts.device is not None and opts.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda was given but this torch has no CUDA device; omit --device or use cpu")
-    layer_types = None
-    if opts.layer_types is not None:
-        if not opts.layer_types:
-            raise ValueError("--layer-types is empty: give one letter a layer (A attention, L lightning, S sparse)")
-        try:
-            layer_types = layer_types_from_str(opts.layer_types)
-        except ValueError as exc:
-            raise ValueError(f"--layer-types: {exc}") from None
+    for flag, n in (("--seq-len", opts.seq_len), ("--stage3-seq-len", opts.stage3_seq_len)):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+            raise ValueError(f"{flag} must be an integer >= 2 (tokens; a 1-token sequence has no next token to "
+                             f"train on), got {n!r}")
+    layer_types = given_layer_types(opts)
+    if layer_types is not None and opts.num_attention is not None:
+        kept = sum(t != "lightning" for t in layer_types)
+        if kept != opts.num_attention:
+            raise ValueError(
+                f"--num-attention {opts.num_attention} disagrees with --layer-types {opts.layer_types!r}, which keeps "
+                f"{kept} attention layers: --layer-types fixes the schedule, so drop --num-attention (or make them agree)"
+            )
     if num_layers is None:
         return
     if layer_types is not None and len(layer_types) != num_layers:
@@ -166,7 +192,6 @@ def run_selection(teacher, tokenizer, run_dir: Path, opts: ConvertOptions, heldo
     from safetensors.torch import load_file
 
     from ..data import load_qa
-    from ..models import layer_types_from_str
     from .align import MIXERS_FILE, build_lightning_students, load_mixers
     from .distributed import context
     from .select import (
@@ -192,7 +217,7 @@ def run_selection(teacher, tokenizer, run_dir: Path, opts: ConvertOptions, heldo
     if opts.recipe == "sala":
         k = max(k, 2)
     if opts.layer_types:
-        layer_types = layer_types_from_str(opts.layer_types)
+        layer_types = given_layer_types(opts)
         return stage.complete(inputs, 0, None, {"method": "given", "layer_types": layer_types})
     sweep, scores = None, None
     if opts.selection in ("halo", "recall-drop", "kl-guided"):
@@ -393,6 +418,9 @@ def _run_stages(opts, ctx, run_dir, teacher, tokenizer, eos, heldout_tok, train_
     setup_logging(run_dir / "convert.log" if ctx.is_main else None, logging.INFO if ctx.is_main else logging.WARNING)
     log.info("run directory %s; teacher %s", run_dir, opts.teacher or "smollm2 (embedded)")
     log.info("training data: %d sequences of %d tokens", train_seqs.shape[0], opts.seq_len)
+    if opts.layer_types and opts.recipe == "sala" and "A" in opts.layer_types:
+        log.info("--recipe sala: the A layers of --layer-types %s become InfLLM-V2 sparse attention (schedule %s)",
+                 opts.layer_types, layer_types_to_str(given_layer_types(opts)))
     inputs = {"teacher": opts.teacher or "smollm2-135m-instruct (embedded)", "data": data_desc, "options": asdict(opts)}
     if ctx.enabled:
         inputs["world_size"] = ctx.world_size

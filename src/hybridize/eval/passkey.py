@@ -30,6 +30,7 @@ __all__ = [
     "repeated_filler",
     "passkey_prompt",
     "passkey_accuracy",
+    "prepare_passkey_prompts",
     "first_number",
 ]
 
@@ -133,7 +134,7 @@ def _build_prompt(tokenizer: Any, units: list[str], context_len: int, passkey: i
     if base > context_len:
         raise ValueError(
             f"context_len={context_len} is too small: the instruction, pass-key sentence and question "
-            f"alone take {base} tokens"
+            f"alone take {base} tokens with this tokenizer (use at least {base})"
         )
     sample = units[: min(len(units), 64)]
     per_unit = max(1.0, len(_encode(tokenizer, "".join(sample))) / len(sample))
@@ -204,6 +205,27 @@ def passkey_prompt(
     """
     _check_args(context_len, depth)
     return _build_prompt(tokenizer, _filler_units(filler), context_len, int(passkey), float(depth))
+
+
+def _draw(rng: random.Random) -> tuple[int, float]:
+    """One trial's (5-digit pass key, depth) from ``rng``."""
+    return rng.randint(10000, 99999), rng.random()
+
+
+def prepare_passkey_prompts(tokenizer: Any, filler: str | Sequence[str], lengths: Sequence[int], seed: int = 0) -> None:
+    """Build the first trial's prompt of :func:`passkey_accuracy` (same ``seed``) at every length, shortest
+    first, and memoise it (the later run reuses it): a length too small for the instruction, pass-key
+    sentence and question, or filler that cannot be used, fails here, at once, before any model runs.
+
+    Raises:
+        ValueError: as :func:`passkey_prompt`.
+    """
+    units = _filler_units(filler)
+    units_key = hash(tuple(units))
+    for length in sorted(set(lengths)):
+        _check_args(length, 0.0)
+        passkey, depth = _draw(random.Random(seed))
+        _cached_prompt(tokenizer, units, units_key, length, passkey, depth)
 
 
 def first_number(text: str) -> str | None:
@@ -277,8 +299,7 @@ def passkey_accuracy(
         it = tqdm(it, desc=desc or f"passkey {context_len}", unit="trial")
     try:
         for _ in it:
-            passkey = rng.randint(10000, 99999)
-            depth = rng.random()
+            passkey, depth = _draw(rng)
             ids = _cached_prompt(tokenizer, units, units_key, context_len, passkey, depth)
             input_ids = torch.tensor([ids], dtype=torch.long, device=device)
             out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **gen_kwargs)
