@@ -105,6 +105,8 @@ def _convert(args) -> int:
         print()
         print(report["markdown"])
     print(f"\nconverted model: {summary['run_dir']}  (wall time {summary['wall_time_s'] / 60:.1f} min)")
+    if report:
+        print(f"report and plots: {summary['run_dir']}/eval/ (report.md, perplexity.png, passkey.png)")
     return 0
 
 

@@ -159,6 +159,7 @@ class StageDir:
         self.path.mkdir(parents=True, exist_ok=True)
         if self.manifest_path.exists() and not self.is_complete():
             self.manifest_path.unlink()
+        logging.getLogger("hybridize").info("%s: started (%s)", self.name, self.path)
 
     def complete(self, inputs: dict, tokens_seen: int, final_loss: float | None, extra: dict | None = None) -> dict:
         """Write ``manifest.json`` (status complete) last, then remove the resume checkpoint (rank 0 writes;
@@ -186,6 +187,10 @@ class StageDir:
             atomic_write_text(self.manifest_path, json.dumps(manifest, indent=2))
             if self.checkpoint_path.exists():
                 shutil.rmtree(self.checkpoint_path)
+            logging.getLogger("hybridize").info(
+                "%s: complete in %.1f s, %d tokens%s", self.name, manifest["wall_time_s"], manifest["tokens_seen"],
+                "" if manifest["final_loss"] is None else f", final loss {manifest['final_loss']:.5f} (mean of the last steps)",
+            )
         barrier()
         return manifest
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ..errors import BudgetError
 from .distributed import all_reduce_mean, context, load_full_
@@ -169,35 +170,36 @@ def train(
     bar = tqdm(total=steps, initial=start_step, desc=desc or stage.name, unit="step", dynamic_ncols=True, disable=not ctx.is_main)
     t0, tokens_this_run = time.time(), 0
     step_ends: list[float] = []
-    for step in range(start_step, steps):
-        lr = cosine_lr(step, steps, settings.lr, settings.lr_final, warmup)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        rows = order[step * settings.batch_size : (step + 1) * settings.batch_size]
-        batch = data[rows[ctx.rank :: ctx.world_size]].to(ctx.device)  # this rank's share of the global batch
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=ctx.device.type == "cuda"):
-            loss = loss_fn(batch)  # bf16 compute on GPU (SPEC 2), fp32 master weights
-        if not getattr(loss_fn, "did_backward", False):
-            loss.backward()
-        if settings.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(list(params.values()), settings.grad_clip)
-        optimizer.step()
-        value = float(all_reduce_mean(loss.detach()))
-        if value != value:  # NaN
-            raise FloatingPointError(f"{stage.name}: loss became NaN at step {step}; lower the learning rate")
-        losses.append(value)  # the float() above waited for the GPU, so step_ends are true step times
-        tokens_this_run += per_step
-        step_ends.append(time.time())
-        tps = tokens_this_run / max(1e-9, step_ends[-1] - t0)
-        bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.1e}", tok_s=f"{tps:.0f}")
-        bar.update(1)
-        if (step + 1) % max(1, steps // 10) == 0 or step + 1 == steps:
-            util = mfu(flops_per_token, _steady_rate(step_ends, t0, per_step) or tps, ctx.device, ctx.world_size)
-            log.info("%s step %d/%d loss %.5f lr %.2e %.0f tok/s%s", stage.name, step + 1, steps, value, lr, tps,
-                     f" MFU {100 * util:.1f}%" if util is not None else "")
-        if (step + 1) % settings.checkpoint_every == 0 and step + 1 < steps:
-            stage.save_checkpoint(dict(params), optimizer, {"step": step + 1, "losses": losses})
+    with logging_redirect_tqdm(loggers=[log]):  # log lines above the progress bar, not glued to it
+        for step in range(start_step, steps):
+            lr = cosine_lr(step, steps, settings.lr, settings.lr_final, warmup)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            rows = order[step * settings.batch_size : (step + 1) * settings.batch_size]
+            batch = data[rows[ctx.rank :: ctx.world_size]].to(ctx.device)  # this rank's share of the global batch
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=ctx.device.type == "cuda"):
+                loss = loss_fn(batch)  # bf16 compute on GPU (SPEC 2), fp32 master weights
+            if not getattr(loss_fn, "did_backward", False):
+                loss.backward()
+            if settings.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(list(params.values()), settings.grad_clip)
+            optimizer.step()
+            value = float(all_reduce_mean(loss.detach()))
+            if value != value:  # NaN
+                raise FloatingPointError(f"{stage.name}: loss became NaN at step {step}; lower the learning rate")
+            losses.append(value)  # the float() above waited for the GPU, so step_ends are true step times
+            tokens_this_run += per_step
+            step_ends.append(time.time())
+            tps = tokens_this_run / max(1e-9, step_ends[-1] - t0)
+            bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.1e}", tok_s=f"{tps:.0f}")
+            bar.update(1)
+            if (step + 1) % max(1, steps // 10) == 0 or step + 1 == steps:
+                util = mfu(flops_per_token, _steady_rate(step_ends, t0, per_step) or tps, ctx.device, ctx.world_size)
+                log.info("%s step %d/%d loss %.5f lr %.2e %.0f tok/s%s", stage.name, step + 1, steps, value, lr, tps,
+                         f" MFU {100 * util:.1f}%" if util is not None else "")
+            if (step + 1) % settings.checkpoint_every == 0 and step + 1 < steps:
+                stage.save_checkpoint(dict(params), optimizer, {"step": step + 1, "losses": losses})
     bar.close()
     elapsed = max(1e-9, time.time() - t0)
     tail = losses[-max(1, min(10, len(losses) // 5)) :]
