@@ -41,8 +41,10 @@ def _stats_kernel(
     hi = tl.minimum(tl.load(vis_ptr + tl.minimum(pid_q * BQ + BQ, Tq) - 1), Nc)
     dd = tl.arange(0, BD)
     d_ok = dd < D
+    # int64 head offsets: q of 32 heads x 1M tokens x 128 has more than 2**31 elements
+    q_head = q_ptr + bi.to(tl.int64) * sqb + hq.to(tl.int64) * sqh
     q = tl.load(
-        q_ptr + bi * sqb + hq * sqh + t[:, None] * sqt + dd[None, :] * sqd,
+        q_head + t[:, None] * sqt + dd[None, :] * sqd,
         mask=t_ok[:, None] & d_ok[None, :],
         other=0.0,
     )
@@ -54,7 +56,7 @@ def _stats_kernel(
         n = n0 + tl.arange(0, BN)
         n_ok = n < Nc
         kt = tl.load(
-            k_ptr + bi * skb + hk * skh + n[None, :] * skn + dd[:, None] * skd,
+            k_ptr + bi.to(tl.int64) * skb + hk.to(tl.int64) * skh + n[None, :] * skn + dd[:, None] * skd,
             mask=n_ok[None, :] & d_ok[:, None],
             other=0.0,
         )
@@ -108,7 +110,7 @@ def _pool_kernel(
         w = tl.reshape(w, [BB * PB2])
         keep = tl.reshape(keep, [BB * PB2])
         kt = tl.load(
-            k_ptr + bi * skb + hk * skh + w[None, :] * skn + dd[:, None] * skd,
+            k_ptr + bi.to(tl.int64) * skb + hk.to(tl.int64) * skh + w[None, :] * skn + dd[:, None] * skd,
             mask=keep[None, :] & d_ok[:, None],
             other=0.0,
         )
@@ -118,8 +120,8 @@ def _pool_kernel(
         acc = tl.zeros([BQ, BB * PB2], tl.float32)
         for h in range(0, g_hi):
             hq = hk * G + h
-            q = tl.load(
-                q_ptr + bi * sqb + hq * sqh + t[:, None] * sqt + dd[None, :] * sqd,
+            q = tl.load(  # int64 head offset, as in _stats_kernel
+                q_ptr + bi.to(tl.int64) * sqb + hq.to(tl.int64) * sqh + t[:, None] * sqt + dd[None, :] * sqd,
                 mask=t_ok[:, None] & d_ok[None, :],
                 other=0.0,
             )
