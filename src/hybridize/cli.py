@@ -65,40 +65,19 @@ def _probability(text: str) -> float:
     return value
 
 
+def _options_from(cls, args, **overrides):
+    """``cls`` (an options dataclass) from the CLI flags of the same names, then ``overrides`` (flags whose
+    name or meaning differs, e.g. ``--no-eval`` -> ``eval``)."""
+    from dataclasses import fields
+
+    given = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+    return cls(**{**given, **overrides})
+
+
 def _convert(args) -> int:
     from .convert.pipeline import ConvertOptions, run_convert
 
-    opts = ConvertOptions(
-        teacher=args.teacher,
-        data=args.data,
-        out=args.out,
-        seq_len=args.seq_len,
-        stage1_tokens=args.stage1_tokens,
-        stage1_batch=args.stage1_batch,
-        stage1_lr=args.stage1_lr,
-        stage2_tokens=args.stage2_tokens,
-        stage2_batch=args.stage2_batch,
-        stage2_lr=args.stage2_lr,
-        stage3=args.stage3,
-        stage3_tokens=args.stage3_tokens,
-        stage3_seq_len=args.stage3_seq_len,
-        stage3_batch=args.stage3_batch,
-        stage3_lr=args.stage3_lr,
-        num_attention=args.num_attention,
-        selection=args.selection,
-        layer_types=args.layer_types,
-        recall_tasks=args.recall_tasks,
-        general_tasks=args.general_tasks,
-        lm_eval_limit=args.lm_eval_limit,
-        collapse_threshold=args.collapse_threshold,
-        recipe=args.recipe,
-        checkpoint_every=args.checkpoint_every,
-        eval=not args.no_eval,
-        eval_passkey_trials=args.passkey_trials,
-        seed=args.seed,
-        threads=args.threads,
-        device=args.device,
-    )
+    opts = _options_from(ConvertOptions, args, eval=not args.no_eval, eval_passkey_trials=args.passkey_trials)
     summary = run_convert(opts)
     report = summary.get("eval")
     if report and report.get("markdown"):
@@ -271,26 +250,15 @@ def _tune_hype(args) -> int:
 def _bench(args) -> int:
     from .bench import BenchOptions, command_line, run_bench
 
-    opts = BenchOptions(
-        presets=args.presets,
-        lengths=args.lengths,
-        decode_tokens=args.decode_tokens,
-        out=args.out,
-        device=args.device,
-        dtype=args.dtype,
-        chunk_size=args.chunk_size,
+    opts = _options_from(
+        BenchOptions,
+        args,
         time_budget=args.time_budget if args.time_budget > 0 else None,
-        total_budget=args.total_budget,
-        decode_attention=args.decode_attention,
-        prefill_attention=args.prefill_attention,
         graph=not args.no_graph,
-        compile=args.compile,
-        seed=args.seed,
         merge=not args.fresh,
         commit=args.commit or os.environ.get("HYBRIDIZE_GIT_COMMIT"),
         command=command_line(getattr(args, "argv", None)),
         warmup=not args.no_warmup,
-        profile=args.profile,
     )
     summary = run_bench(opts)
     print()
