@@ -319,11 +319,7 @@ def measure_hybrid(
         sync(device)
         decode_s = time.perf_counter() - t0
         row = {
-            "status": "ok",
-            "ttft_s": _rounded(ttft),
-            "decode_ms_per_token": _rounded(1000 * decode_s / decode_tokens),
-            "peak_memory_bytes": peak_memory(device),
-            "prefill_tokens_per_s": _rounded(context / ttft),
+            **_timing_row(ttft, decode_s, decode_tokens, context, device),
             "prefill_attention": prefill_impl,
             "prefill_attention_error": prefill_attention_error(prefill_impl),
             "cache_bytes": decoder.cache.nbytes(),
@@ -389,11 +385,7 @@ def measure_hf(
     except TypeError:  # a cache type this transformers version lays out differently
         cache_bytes = None
     row = {
-        "status": "ok",
-        "ttft_s": _rounded(ttft),
-        "decode_ms_per_token": _rounded(1000 * decode_s / decode_tokens),
-        "peak_memory_bytes": peak_memory(device),
-        "prefill_tokens_per_s": _rounded(context / ttft),
+        **_timing_row(ttft, decode_s, decode_tokens, context, device),
         "cache_bytes": cache_bytes,
         "graph": False,
         "prefill_attention": "sdpa (transformers)",
@@ -401,6 +393,18 @@ def measure_hf(
     }
     del cache
     return row
+
+
+def _timing_row(ttft: float, decode_s: float, decode_tokens: int, context: int, device: torch.device) -> dict:
+    """The fields every measured row shares: status, time to first token (s), decode ms per token, peak
+    memory (bytes) and prefill tokens/s."""
+    return {
+        "status": "ok",
+        "ttft_s": _rounded(ttft),
+        "decode_ms_per_token": _rounded(1000 * decode_s / decode_tokens),
+        "peak_memory_bytes": peak_memory(device),
+        "prefill_tokens_per_s": _rounded(context / ttft),
+    }
 
 
 def predict_seconds(history: list[tuple[int, float]], context: int) -> float | None:
