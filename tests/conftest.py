@@ -107,3 +107,36 @@ def make_teacher():
 def teacher_config():
     """Factory: ``teacher_config(kind, **overrides)`` -> tiny transformers config."""
     return tiny_teacher_config
+
+
+#: InfLLM-V2 sizes small enough that a few dozen tokens take the sparse path (dense below 40 tokens)
+TINY_SPARSE = dict(kernel_size=8, kernel_stride=4, block_size=8, window_size=16, topk=2, init_blocks=1, dense_len=40)
+
+
+def tiny_mixed_hybrid(layer_types, sparse_config=TINY_SPARSE, seed: int = 0):
+    """A tiny random :class:`HybridForCausalLM` of ``layer_types`` (HyPE attention with output gate, qk-norm,
+    Lightning chunk 16, sparse sizes ``sparse_config``), norms perturbed so they are not all ones; eval mode."""
+    from hybridize import HybridConfig, HybridForCausalLM
+
+    config = HybridConfig(
+        vocab_size=97,
+        hidden_size=48,
+        intermediate_size=64,
+        num_hidden_layers=len(layer_types),
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=12,
+        layer_types=list(layer_types),
+        qk_norm=True,
+        attention_output_gate=True,
+        hype_base=20.0,
+        lightning_chunk_size=16,
+        sparse_config=sparse_config,
+    )
+    torch.manual_seed(seed)
+    model = HybridForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    return model

@@ -14,8 +14,9 @@ import warnings
 
 import pytest
 import torch
+from conftest import TINY_SPARSE as SPARSE, tiny_mixed_hybrid
 
-from hybridize import HybridConfig, HybridForCausalLM
+from hybridize import HybridForCausalLM
 from hybridize.inference import chunked_prefill
 from hybridize.models.static_cache import StaticHybridCache
 from hybridize.ops import attention as attention_ops
@@ -231,34 +232,12 @@ def test_out_of_memory_in_a_candidate_is_not_swallowed(monkeypatch):
 # --------------------------------------------------------------------------------- chunked prefill
 
 
-SPARSE = dict(kernel_size=8, kernel_stride=4, block_size=8, window_size=16, topk=2, init_blocks=1, dense_len=40)
 
 
 def _model() -> HybridForCausalLM:
     """HyPE attention (NoPE, scaled queries, output gate), Lightning, and a sparse layer whose first chunks
     run its dense regime (below ``dense_len`` = 40 tokens) through the same softmax attention."""
-    config = HybridConfig(
-        vocab_size=97,
-        hidden_size=48,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=12,
-        layer_types=["attention", "lightning", "sparse", "attention"],
-        qk_norm=True,
-        attention_output_gate=True,
-        hype_base=20.0,
-        lightning_chunk_size=16,
-        sparse_config=SPARSE,
-    )
-    torch.manual_seed(0)
-    model = HybridForCausalLM(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.add_(0.1 * torch.randn_like(p))
-    return model
+    return tiny_mixed_hybrid(("attention", "lightning", "sparse", "attention"), SPARSE)
 
 
 @pytest.mark.parametrize("static", [False, True], ids=["dynamic-cache", "static-cache"])

@@ -12,8 +12,9 @@ import warnings
 
 import pytest
 import torch
+from conftest import TINY_SPARSE as SPARSE, tiny_mixed_hybrid
 
-from hybridize import HybridCache, HybridConfig, HybridForCausalLM
+from hybridize import HybridCache, HybridForCausalLM
 from hybridize.inference import GraphDecoder, chunked_prefill
 from hybridize.models.static_cache import StaticHybridCache
 from hybridize.ops import attention as attention_ops
@@ -27,7 +28,6 @@ from hybridize.ops.sparse_attention import (
     select_block_indices_static,
 )
 
-SPARSE = dict(kernel_size=8, kernel_stride=4, block_size=8, window_size=16, topk=2, init_blocks=1, dense_len=40)
 
 
 @pytest.fixture(autouse=True)
@@ -39,28 +39,7 @@ def _quiet_flex():
 
 
 def _model(seed: int = 0, layer_types=("sparse", "lightning", "attention", "lightning", "sparse")) -> HybridForCausalLM:
-    config = HybridConfig(
-        vocab_size=97,
-        hidden_size=48,
-        intermediate_size=64,
-        num_hidden_layers=len(layer_types),
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=12,
-        layer_types=list(layer_types),
-        qk_norm=True,
-        attention_output_gate=True,
-        hype_base=20.0,
-        lightning_chunk_size=16,
-        sparse_config=SPARSE,
-    )
-    torch.manual_seed(seed)
-    model = HybridForCausalLM(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.add_(0.1 * torch.randn_like(p))
-    return model
+    return tiny_mixed_hybrid(layer_types, SPARSE, seed)
 
 
 def _ids(b: int, t: int, seed: int = 0) -> torch.Tensor:
