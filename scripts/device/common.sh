@@ -1,4 +1,4 @@
-# Sourced by the callN.sh scripts: the set-up every H200 call needs (see README.md "GPU runs").
+# Sourced by the call{A,B,C}.sh scripts: the set-up every H200 call needs (see README.md "Reproducing the H200 runs").
 # The device machine has torch, triton and transformers but no fla/gguf and no network: the wheels travel
 # in .whl/ (carry it). The teacher GGUF and the text assets travel in .gpu1/ and .gpu2/ (see README.md).
 set -u
@@ -9,13 +9,22 @@ export HYBRIDIZE_CACHE=/root/hcache
 export HYBRIDIZE_GIT_COMMIT=${HYBRIDIZE_GIT_COMMIT:-unknown}
 # NVLink multicast stays off (device README): keep these whatever the image sets
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-mkdir -p "$HYBRIDIZE_CACHE" /root/stash
+export RES=/root/res  # everything the jobs write that comes back (no weights, no checkpoints)
+mkdir -p "$HYBRIDIZE_CACHE" /root/stash $RES
 END=$((SECONDS + ${BUDGET:-540}))
-left() { local l=$((END - SECONDS)); [ $l -gt 5 ] && echo $l || echo 5; }
 GPUS=$(python3 -c 'import torch; print(torch.cuda.device_count())')
 echo "[device] $(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | head -1) x$GPUS; torch $(python3 -c 'import torch; print(torch.__version__)'); commit $HYBRIDIZE_GIT_COMMIT"
-# where results are collected before they are packed into $OUT (<= 8 files come back)
-pack() { tar czf "$OUT/$1.tgz" -C "$2" . && ls -la "$OUT"; }
 # copy a run directory's small files (manifests, logs, plots, reports), never weights or checkpoints
-copy_run() { (cd "$1" 2>/dev/null && find . -type f \( -name '*.json' -o -name '*.log' -o -name '*.png' -o -name '*.md' \) \
-    ! -path '*/model/*' -exec cp --parents {} "$2" \;); }
+copy_run() { mkdir -p "$2"; (cd "$1" 2>/dev/null && find . -type f \( -name '*.json' -o -name '*.log' -o -name '*.png' -o -name '*.md' \) \
+    ! -path '*/model/*' ! -path '*/checkpoint*' -exec cp --parents {} "$2" \;); }
+# wait until both GPU jobs are done or this call's BUDGET (seconds) is spent ("final": or the hold's end), then
+# return $RES (with the conversion's and evaluation's small files) as $OUT/<name>.tgz
+snapshot_when_done() {
+  local stop=$END
+  if [ "${2:-}" = final ]; then stop=$((SECONDS + $(cat /root/end_at) - $(date +%s))); fi
+  while [ $SECONDS -lt $stop ] && ! { [ -f $RES/gpu0.done ] && [ -f $RES/gpu1.done ]; }; do sleep 5; done
+  copy_run /root/run4 $RES/run4; copy_run /root/eval4 $RES/eval4
+  nvidia-smi --query-gpu=index,utilization.gpu,memory.used --format=csv > $RES/logs/nvidia-smi-$1.csv 2>&1
+  tail -n 3 $RES/tests_gpu.log $RES/bench.log $RES/convert4.log $RES/eval4.log 2>/dev/null
+  tar czf "$OUT/$1.tgz" -C $RES . && ls -la "$OUT"
+}
