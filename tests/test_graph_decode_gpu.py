@@ -134,3 +134,20 @@ def test_bench_cli_on_gpu(tmp_path):
         assert row["status"] == "ok", row
         if row["preset"] != "tiny-hf":
             assert row["graph"] is True, row.get("graph_error")
+
+
+def test_auto_decode_attention_takes_flex_only_when_it_agrees_with_split():
+    """``decode_attention="auto"`` checks flex against split first (torch 2.11 + H200 gave wrong flex results):
+    the chosen implementation decodes the same greedy tokens as an eager split decoder."""
+    from hybridize.ops.attention import flex_decode_mismatch
+
+    model = _model()
+    mismatch = flex_decode_mismatch(torch.device(DEVICE), torch.bfloat16, 8, 2, 64)
+    auto = GraphDecoder(model, 512, chunk_size=256)
+    assert auto.decode_attention == ("split" if mismatch else "flex"), auto.graph_error
+    split = GraphDecoder(model, 512, chunk_size=256, decode_attention="split", use_graph=False)
+    ids = torch.randint(0, 512, (1, 300), device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(1))
+    assert rel_err(auto.prefill(ids), split.prefill(ids)) <= 1e-3
+    for _ in range(8):
+        tok = split._token.view(-1).clone()
+        assert rel_err(auto.step(tok), split.step(tok)) <= 3e-2

@@ -450,3 +450,64 @@ def test_packed_sequences_attend_within_their_sequence():
         packed = layer.attend(q, k, v, cu_seqlens=cu)
         parts = [sparse_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], SMALL) for a, b in ((0, 33), (33, 90))]
     torch.testing.assert_close(packed, torch.cat(parts, 2))
+
+
+# ------------------------------------------------------------------ FlexAttention layout check (GPU guard)
+
+
+def _fake_flex(wrong_layouts):
+    """A stand-in for sparse_attention_flex: the reference for the good layouts, garbage (or an error) for the
+    layouts in ``wrong_layouts``; records the layouts it was asked for."""
+    from hybridize.ops import sparse_attention as sa
+
+    calls = []
+
+    def fake(q, k, v, indices, block_size, *, scale=None, full_width=None, **_):
+        layout = "full" if full_width else "compact"
+        calls.append((layout, q.shape[2], k.shape[2]))
+        if wrong_layouts.get(layout) == "raise":
+            raise RuntimeError("no kernel")
+        cfg = SparseConfig(block_size=block_size, kernel_size=block_size // 2, kernel_stride=block_size // 4,
+                           window_size=2 * block_size, topk=2, dense_len=0)
+        out = sa.sparse_attention_ref(q.float(), k.float(), v.float(), cfg, scale=scale, indices=indices).to(q.dtype)
+        return out + 1.0 if wrong_layouts.get(layout) == "wrong" else out
+
+    return fake, calls
+
+
+@pytest.mark.parametrize(
+    "wrong, expected",
+    [({}, "compact"), ({"compact": "wrong"}, "full"), ({"compact": "raise"}, "full"),
+     ({"compact": "wrong", "full": "wrong"}, None)],
+)
+def test_flex_mask_variant_takes_the_first_layout_that_matches_the_reference(monkeypatch, wrong, expected):
+    from hybridize.ops import sparse_attention as sa
+
+    fake, calls = _fake_flex(wrong)
+    monkeypatch.setattr(sa, "sparse_attention_flex", fake)
+    monkeypatch.setattr(sa, "_flex_variants", {})
+    cfg = SparseConfig(kernel_size=8, kernel_stride=4, block_size=16, window_size=32, topk=4, dense_len=0)
+    assert sa.flex_mask_variant(torch.device("cpu"), torch.float32, 4, 2, 16, cfg) == expected
+    tried = [c[0] for c in calls]
+    assert tried == list(sa.FLEX_MASK_VARIANTS[: len(tried)]) and len(tried) == (1 if expected == "compact" else 2)
+    # cached: a second question runs nothing
+    assert sa.flex_mask_variant(torch.device("cpu"), torch.float32, 4, 2, 16, cfg) == expected and len(calls) == len(tried)
+
+
+def test_full_layout_runs_in_query_slices_that_equal_one_call(monkeypatch):
+    """Full-width masks grow as queries x key blocks: the prefill is cut into query slices, each over the keys it
+    may see; the concatenation equals the reference over the whole chunk (queries after a cache)."""
+    from hybridize.ops import sparse_attention as sa
+
+    fake, calls = _fake_flex({})
+    monkeypatch.setattr(sa, "sparse_attention_flex", fake)
+    monkeypatch.setattr(sa, "FULL_MASK_ENTRIES", 16 * 7)  # 7 key blocks of 16 -> 16-query slices
+    cfg = SparseConfig(kernel_size=8, kernel_stride=4, block_size=16, window_size=32, topk=2, dense_len=0)
+    q, k, v = _qkv(1, 4, 2, 50, tk=110, seed=3)
+    idx = select_block_indices(q, k, cfg)
+    out = sa._flex_in_query_chunks(q, k, v, idx, 16, None, True)
+    torch.testing.assert_close(out, sparse_attention_ref(q, k, v, cfg, indices=idx), atol=1e-5, rtol=1e-5)
+    assert [(t, kv) for _, t, kv in calls] == [(16, 76), (16, 92), (16, 108), (2, 110)]
+    calls.clear()
+    sa._flex_in_query_chunks(q, k, v, idx, 16, None, False)  # compact: one call
+    assert [(t, kv) for _, t, kv in calls] == [(50, 110)]

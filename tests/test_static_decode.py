@@ -288,3 +288,30 @@ def test_compiled_flex_decode_traces_and_does_not_recompile_per_position():
             out = fn(q, k, v, torch.tensor(pos), 0.25)
             ref = eager_attention(q, k[:, :, : pos + 1], v[:, :, : pos + 1], None, 0.25)
             torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_flex_decode_check_accepts_a_matching_flex_and_reports_a_wrong_one(monkeypatch):
+    """GraphDecoder's "auto" asks flex_decode_mismatch before choosing flex on CUDA: None when flex equals split
+    (CPU: eager flex, exact), a message when flex disagrees or raises; cached per shape."""
+    from hybridize.ops import attention as attention_ops
+
+    monkeypatch.setattr(attention_ops, "_flex_decode_checks", {})
+    cpu = torch.device("cpu")
+    assert attention_ops.flex_decode_mismatch(cpu, torch.float32, 4, 2, 16) is None
+    real = attention_ops.decode_attention
+
+    def wrong(q, k, v, position, *, scale=None, impl="split"):
+        out = real(q, k, v, position, scale=scale, impl="split")
+        return out + 1.0 if impl == "flex" else out
+
+    monkeypatch.setattr(attention_ops, "decode_attention", wrong)
+    assert "differs from split" in attention_ops.flex_decode_mismatch(cpu, torch.float32, 8, 2, 16)
+    assert attention_ops.flex_decode_mismatch(cpu, torch.float32, 4, 2, 16) is None  # cached result
+
+    def broken(q, k, v, position, *, scale=None, impl="split"):
+        if impl == "flex":
+            raise RuntimeError("no kernel")
+        return real(q, k, v, position, scale=scale, impl=impl)
+
+    monkeypatch.setattr(attention_ops, "decode_attention", broken)
+    assert "failed: RuntimeError" in attention_ops.flex_decode_mismatch(cpu, torch.bfloat16, 8, 2, 16)

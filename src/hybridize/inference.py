@@ -27,7 +27,7 @@ import torch
 
 from .models.cache import HybridCache
 from .models.static_cache import StaticHybridCache
-from .ops.attention import DECODE_ATTENTION_IMPLS
+from .ops.attention import DECODE_ATTENTION_IMPLS, flex_decode_mismatch
 
 __all__ = ["chunked_prefill", "GraphDecoder"]
 
@@ -113,8 +113,9 @@ class GraphDecoder:
         batch: rows.
         chunk_size: prefill chunk (tokens), see :func:`chunked_prefill`.
         use_graph: capture a CUDA graph (default: when the model is on CUDA).
-        decode_attention: ``"auto"`` (``"flex"`` on CUDA, falling back to ``"split"`` if it fails to compile
-            or capture; ``"split"`` elsewhere), ``"flex"`` or ``"split"``; see
+        decode_attention: ``"auto"`` (``"flex"`` on CUDA when it agrees with ``"split"`` on a small random
+            check (:func:`~hybridize.ops.attention.flex_decode_mismatch`), falling back to ``"split"`` if it
+            disagrees or fails to compile or capture; ``"split"`` elsewhere), ``"flex"`` or ``"split"``; see
             :func:`~hybridize.ops.attention.decode_attention`.
         compile: also run the step's model forward through ``torch.compile`` (inductor; no inductor CUDA
             graphs: ours captures the result), fusing the many small element-wise kernels of a
@@ -162,12 +163,20 @@ class GraphDecoder:
         on_cuda = self.device.type == "cuda"
         self.decode_attention = ("flex" if on_cuda else "split") if decode_attention == "auto" else decode_attention
         self._fallback = decode_attention == "auto" and self.decode_attention == "flex"
+        self.graph_error: str | None = None
+        if self._fallback:
+            mismatch = flex_decode_mismatch(
+                self.device, weight.dtype, config.num_attention_heads, config.num_key_value_heads, config.head_dim
+            )
+            if mismatch is not None:  # a kernel that gives wrong results is never chosen
+                _log.warning("GraphDecoder: %s; decode attention uses split", mismatch)
+                self.decode_attention, self._fallback = "split", False
+                self.graph_error = f"{mismatch}; split used"
         self.cache.decode_attention = self.decode_attention
         self._token = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
         self._positions = self.cache.position.view(1, 1).expand(batch, 1)
         self._logits: torch.Tensor | None = None
         self.graph = None
-        self.graph_error: str | None = None
         self.compiled = bool(compile)
         # dynamic=None: a second cache length recompiles once with a symbolic length, not once per length
         self._forward = torch.compile(self._forward_eager) if compile else self._forward_eager

@@ -424,6 +424,45 @@ def decode_attention(
     raise ValueError(f"unknown decode attention implementation {impl!r}; choose one of {DECODE_ATTENTION_IMPLS}")
 
 
+_flex_decode_checks: dict[tuple, str | None] = {}
+
+
+def flex_decode_mismatch(device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int) -> str | None:
+    """Check once per (device, dtype, heads, kv_heads, head_dim) that ``decode_attention(impl="flex")`` equals
+    ``impl="split"`` on random data; None when it does, else what differed.
+
+    Why: on torch 2.11 + an H200, compiled FlexAttention with ``compute_q_blocks=False`` BlockMasks gave results
+    far from the reference in every GPU test that used it (``benchmarks/results/gpu_tests_h200.json``). A
+    wrong kernel must not be chosen silently, so ``GraphDecoder(decode_attention="auto")`` asks this first
+    and takes ``split`` when flex disagrees. Costs one compile of the flex decode (seconds) per shape key.
+
+    Args:
+        device: where the check runs (the caller's device).
+        dtype: the caller's activation dtype; tolerance 2e-2 relative (bf16/fp16), 1e-3 (fp32).
+        heads, kv_heads, head_dim: the attention shape (``kv_heads`` divides ``heads``).
+
+    Returns:
+        None, or a one-line description (relative error, or the exception raised by flex).
+    """
+    key = (device.type, device.index, dtype, heads, kv_heads, head_dim)
+    if key not in _flex_decode_checks:
+        gen = torch.Generator(device=device).manual_seed(0)
+        length, position = 3 * DECODE_KV_BLOCK, 2 * DECODE_KV_BLOCK + 37  # a partial block after two full ones
+        q = torch.randn(1, heads, 1, head_dim, device=device, dtype=dtype, generator=gen)
+        k, v = (torch.randn(1, kv_heads, length, head_dim, device=device, dtype=dtype, generator=gen) for _ in range(2))
+        pos = torch.tensor(position, device=device)
+        try:
+            with torch.no_grad():
+                ref = decode_attention(q.float(), k.float(), v.float(), pos, impl="split")
+                out = decode_attention(q, k, v, pos, impl="flex").float()
+            err = ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+            tol = 1e-3 if dtype == torch.float32 else 2e-2
+            _flex_decode_checks[key] = None if err <= tol else f"flex decode differs from split by {err:.2e} (relative)"
+        except Exception as exc:  # noqa: BLE001 - reported to the caller, which falls back
+            _flex_decode_checks[key] = f"flex decode failed: {type(exc).__name__}: {str(exc)[:200]}"
+    return _flex_decode_checks[key]
+
+
 # ------------------------------------------------------------- a chunk of queries over a cache (prefill)
 
 #: Implementations of the causal attention of a chunk of queries over a longer cache (chunked prefill), see

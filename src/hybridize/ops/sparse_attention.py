@@ -62,7 +62,8 @@ Implementations of the attention over a selection:
 Block scoring (steps 1-5) runs in torch (:func:`_window_block_scores`, which materialises the per-head
 ``[Tq, Nc]`` scores of a query chunk) or, on CUDA with triton installed and the reference not forced, through
 the fused Triton kernel :func:`hybridize.ops.triton_select.fused_block_scores` (same scores up to fp32
-rounding, no ``[Tq, Nc]`` intermediate, larger query chunks; a GPU candidate not yet measured).
+rounding, no ``[Tq, Nc]`` intermediate, larger query chunks; 6.2x faster than the torch scoring at 256K on an
+H200, ``benchmarks/results/sparse_attention_h200.json``).
 """
 
 from __future__ import annotations
@@ -911,6 +912,7 @@ def sparse_attention_flex(
     scale: float | None = None,
     block_mask=None,
     kernel_options: dict | None = None,
+    full_width: bool | None = None,
 ) -> torch.Tensor:
     """Block-sparse attention through compiled FlexAttention with a BlockMask from the selection.
 
@@ -925,6 +927,10 @@ def sparse_attention_flex(
         block_mask: a prebuilt :func:`flex_block_mask` (to time it separately); built when None.
         kernel_options: FlexAttention kernel options, merged over the defaults ``BLOCK_M = 16``,
             ``BLOCK_N = min(64, block_size)`` (tiles must divide the sparse blocks) and ``num_warps = 4``.
+        full_width: the BlockMask layout (see :func:`flex_block_mask`): True = full-width tables with the
+            Q-side tables (needed for gradients and on CPU), False = compact; None = True on CPU or when a
+            gradient is needed, else False. :func:`sparse_attention` passes the layout that
+            :func:`flex_mask_variant` verified on the device.
 
     Returns:
         ``[B, Hq, Tq, d]`` in ``q``'s dtype.
@@ -944,8 +950,8 @@ def sparse_attention_flex(
     qr = qr.reshape(b, hkv, tq * rows, d)
     if block_mask is None:
         # full-width index tables: needed by the backward pass and by inductor's CPU flex kernel
-        full = q.device.type == "cpu" or (torch.is_grad_enabled() and q.requires_grad)
-        block_mask = flex_block_mask(indices, tq, tk, block_size, g, full_width=full)
+        need_full = q.device.type == "cpu" or (torch.is_grad_enabled() and q.requires_grad)
+        block_mask = flex_block_mask(indices, tq, tk, block_size, g, full_width=need_full or bool(full_width))
     options = {"BLOCK_M": 16, "BLOCK_N": min(64, block_size), "num_warps": 4}
     if kernel_options:
         options.update(kernel_options)
@@ -956,6 +962,62 @@ def sparse_attention_flex(
 
 # -------------------------------------------------------------------------------------- dispatch
 
+#: BlockMask layouts of :func:`sparse_attention_flex`, in the order :func:`flex_mask_variant` tries them.
+FLEX_MASK_VARIANTS = ("compact", "full")
+_flex_variants: dict[tuple, str | None] = {}
+
+
+def flex_mask_variant(
+    device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int, cfg: SparseConfig
+) -> str | None:
+    """The first BlockMask layout of :data:`FLEX_MASK_VARIANTS` whose :func:`sparse_attention_flex` output
+    equals :func:`sparse_attention_ref` on a small random problem of this shape; None when none does.
+
+    Checked once per (device, dtype, heads, kv_heads, head_dim, block_size) and cached; costs one or two
+    FlexAttention compiles (seconds). Why: on torch 2.11 + an H200 the compact layout gave relative errors
+    of 0.2-5 against the reference in every GPU test (``benchmarks/results/gpu_tests_h200.json``) while the
+    full-width one passed the gradient test; a wrong kernel must never be chosen silently, so
+    :func:`sparse_attention` uses the verified layout, or the reference when none is right.
+
+    Args:
+        device, dtype: the caller's; tolerance 2e-2 relative (bf16/fp16), 1e-3 (fp32).
+        heads, kv_heads, head_dim: the layer's attention shape.
+        cfg: the layer's sparse sizes (the check uses its block and kernel sizes with ``topk = 2``, a
+            two-block window and ``dense_len = 0``, over ``8 * block_size + 13`` tokens: really sparse).
+
+    Returns:
+        ``"compact"``, ``"full"`` or None; the reasons for rejected layouts are logged once.
+    """
+    key = (device.type, device.index, dtype, heads, kv_heads, head_dim, cfg.block_size)
+    if key in _flex_variants:
+        return _flex_variants[key]
+    check = SparseConfig(kernel_size=cfg.kernel_size, kernel_stride=cfg.kernel_stride, init_blocks=1,
+                         block_size=cfg.block_size, window_size=2 * cfg.block_size, topk=2, dense_len=0)
+    t = 8 * cfg.block_size + 13
+    gen = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(1, heads, t, head_dim, device=device, dtype=dtype, generator=gen)
+    k, v = (torch.randn(1, kv_heads, t, head_dim, device=device, dtype=dtype, generator=gen) for _ in range(2))
+    tol = 1e-3 if dtype == torch.float32 else 2e-2
+    chosen = None
+    with torch.no_grad():
+        idx = select_block_indices(q, k, check)
+        ref = sparse_attention_ref(q.float(), k.float(), v.float(), check, indices=idx)
+        for variant in FLEX_MASK_VARIANTS:
+            try:
+                out = sparse_attention_flex(q, k, v, idx, cfg.block_size, full_width=variant == "full").float()
+                err = ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+                problem = None if err <= tol else f"relative error {err:.2e} against the reference"
+            except Exception as exc:  # noqa: BLE001 - logged, the next layout is tried
+                problem = f"{type(exc).__name__}: {str(exc)[:200]}"
+            if problem is None:
+                chosen = variant
+                break
+            _log_once(f"flex-{variant}-{key}", logging.WARNING,
+                      "hybridize: FlexAttention sparse prefill with the %s BlockMask rejected (%s)", variant, problem)
+    _flex_variants[key] = chosen
+    return chosen
+
+
 _flex_broken: str | None = None
 _logged: set[str] = set()
 
@@ -964,6 +1026,28 @@ def _log_once(key: str, level: int, message: str, *args) -> None:
     if key not in _logged:
         _logged.add(key)
         logger.log(level, message, *args)
+
+
+#: Index-table entries (per batch row and KV head) one full-width BlockMask may hold: the full layout's
+#: tables grow as queries x key blocks (16K x 16K at a 16K chunk over 1M tokens), so longer prefills are split.
+FULL_MASK_ENTRIES = 2**25
+
+
+def _flex_in_query_chunks(q, k, v, indices, block_size: int, scale, full_width: bool) -> torch.Tensor:
+    """:func:`sparse_attention_flex` over consecutive query slices small enough that a full-width BlockMask
+    stays under :data:`FULL_MASK_ENTRIES` entries; one call for the compact layout. Queries are the last Tq
+    positions of ``k``, so the slice ending ``r`` queries before the end sees ``k[:, :, :Tk - r]``."""
+    tq, tk = q.shape[2], k.shape[2]
+    step = tq if not full_width else max(16, FULL_MASK_ENTRIES // max(1, -(-tk // block_size)))
+    if step >= tq:
+        return sparse_attention_flex(q, k, v, indices, block_size, scale=scale, full_width=full_width)
+    parts = []
+    for start in range(0, tq, step):
+        end = min(start + step, tq)
+        kv_end = tk - (tq - end)
+        parts.append(sparse_attention_flex(q[:, :, start:end], k[:, :, :kv_end], v[:, :, :kv_end],
+                                           indices[:, :, start:end], block_size, scale=scale, full_width=True))
+    return torch.cat(parts, dim=2)
 
 
 def sparse_attention(
@@ -979,8 +1063,10 @@ def sparse_attention(
 
     * ``Tk < dense_len``: every query is in the dense regime: dense causal SDPA (:func:`softmax_attention`).
     * ``Tq <= 16`` (decode, short chunks): :func:`sparse_attention_gather` -- reads only the selected blocks.
-    * CUDA, no gradient needed, reference not forced: :func:`sparse_attention_flex`; if FlexAttention
-      fails once (e.g. no triton) the reference is used from then on, with one warning.
+    * CUDA, no gradient needed, reference not forced: :func:`sparse_attention_flex` with the BlockMask layout
+      that :func:`flex_mask_variant` verified against the reference for this shape (full-width masks in query
+      slices of bounded size); the reference when no layout is right; if FlexAttention raises once (e.g. no
+      triton) the reference is used from then on, with one warning.
     * otherwise: :func:`sparse_attention_ref`.
 
     Args:
@@ -1003,8 +1089,13 @@ def sparse_attention(
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if q.device.type == "cuda" and not grad and not reference_forced() and _flex_broken is None:
         try:
-            out = sparse_attention_flex(q, k, v, indices, cfg.block_size, scale=scale)
-            _log_once("flex", logging.INFO, "hybridize: sparse attention prefill on CUDA: FlexAttention")
+            variant = flex_mask_variant(q.device, q.dtype, q.shape[1], k.shape[1], q.shape[3], cfg)
+            if variant is None:
+                _log_once("flex-wrong", logging.WARNING, "hybridize: FlexAttention gives wrong results here (no "
+                          "BlockMask layout passed the check); sparse attention prefill uses the reference")
+                return sparse_attention_ref(q, k, v, cfg, scale=scale, indices=indices)
+            out = _flex_in_query_chunks(q, k, v, indices, cfg.block_size, scale, variant == "full")
+            _log_once("flex", logging.INFO, "hybridize: sparse attention prefill on CUDA: FlexAttention (%s BlockMask)", variant)
             return out
         except Exception as exc:  # a broken triton/inductor must not break the model
             _flex_broken = f"{type(exc).__name__}: {exc}"
