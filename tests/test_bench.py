@@ -242,3 +242,34 @@ def test_report_with_oom_skipped_and_error_rows(tmp_path):
     assert "skipped" in table
     write_markdown(tmp_path, data)
     assert all(p.stat().st_size > 1000 for p in write_plots(tmp_path, data))
+
+
+def test_results_of_another_kind_are_never_overwritten(tmp_path, capsys):
+    """A results.json from another device/dtype, one that does not parse, or one of another shape is left as it
+    is: the run stops before building a model and names --fresh / --out; --fresh replaces it."""
+    base = [*ARGS, "--lengths", "64", "--presets", "tiny", "--no-warmup"]
+    cases = {
+        "gpu": json.dumps({"device": "NVIDIA H200", "dtype": "bfloat16", "results": [{"preset": "x", "context": 1}]}),
+        "broken": '{"results": [1,2',
+        "list": "[1, 2, 3]",
+    }
+    for name, text in cases.items():
+        out = tmp_path / name
+        out.mkdir()
+        (out / "results.json").write_text(text)
+        assert main([*base, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert "--fresh" in err and "--out" in err and "Traceback" not in err
+        assert (out / "results.json").read_text() == text and sorted(p.name for p in out.iterdir()) == ["results.json"]
+    out = tmp_path / "gpu"
+    assert main([*base, "--out", str(out), "--fresh"]) == 0 and _load(out)["device"] == "cpu"
+
+
+def test_a_skipped_measurement_does_not_replace_a_measured_one(tmp_path):
+    out = tmp_path / "s"
+    assert main([*ARGS, "--presets", "tiny", "--out", str(out), "--no-warmup"]) == 0
+    before = {(r["preset"], r["context"]): r for r in _load(out)["results"]}
+    assert before[("tiny", 160)]["status"] == "ok"
+    assert main([*ARGS, "--presets", "tiny", "--out", str(out), "--no-warmup", "--total-budget", "0.001"]) == 0
+    after = {(r["preset"], r["context"]): r for r in _load(out)["results"]}
+    assert after[("tiny", 160)] == before[("tiny", 160)]

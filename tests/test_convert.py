@@ -555,6 +555,10 @@ def test_sala_recipe_keeps_first_and_last_as_sparse(tiny_teacher_dir, data_file,
     assert model.config.sparse_config["dense_len"] == 8192  # SALA defaults: dense below 8K, sparse above
     ids = torch.randint(0, model.config.vocab_size, (1, 12))
     assert torch.isfinite(model(ids).logits).all()
+    for k in (0, 1):  # the recipe keeps two layers: fewer is refused, never silently raised
+        with pytest.raises(ValueError, match="--recipe sala keeps the first and the last"):
+            run_convert(_opts(tiny_teacher_dir, data_file, tmp_path / f"r{k}", recipe="sala", num_attention=k))
+        assert not (tmp_path / f"r{k}").exists()
 
 
 def test_sala_recipe_maps_given_attention_letters_to_sparse(tiny_teacher_dir, data_file, tmp_path, caplog):
@@ -589,7 +593,22 @@ def test_cli_rejects_bad_numbers_and_out_paths(capsys, tmp_path, tiny_teacher_di
 def test_resume_with_another_teacher_is_refused(tiny_teacher_dir, data_file, tmp_path, capsys):
     run_convert(_opts(tiny_teacher_dir, data_file, tmp_path / "run"))
     code, err = _run_cli(capsys, "convert", "--teacher", "smollm2", "--data", str(data_file), "--out", str(tmp_path / "run"))
-    assert code == 2 and "teacher=" in err and "another --out" in err
+    assert code == 2 and "--teacher" in err and "another --out" in err
+
+
+def test_rerun_with_other_settings_for_a_finished_stage_is_refused(tiny_teacher_dir, data_file, tmp_path):
+    """A finished stage would be reused as it is: a rerun that changes what it depends on (the schedule, a
+    budget) is refused with the flag, the two values and the ways out; the run is left untouched."""
+    run = tmp_path / "run"
+    run_convert(_opts(tiny_teacher_dir, data_file, run))
+    before = StageDir(run, "stage2").manifest()
+    for change, flag in (({"layer_types": "ALLL"}, "--layer-types"), ({"stage2_tokens": 32 * 4 * 9}, "--stage2-tokens"),
+                         ({"stage1_batch": 2}, "--stage1-batch")):
+        with pytest.raises(ValueError, match=flag) as info:
+            run_convert(_opts(tiny_teacher_dir, data_file, run, **change))
+        assert "another --out" in str(info.value) and "remove" in str(info.value)
+    assert StageDir(run, "stage2").manifest() == before
+    run_convert(_opts(tiny_teacher_dir, data_file, run))  # the same settings resume (reuse) fine
 
 
 def test_two_converts_never_share_a_run_dir(tiny_teacher_dir, data_file, tmp_path):
@@ -651,3 +670,20 @@ def test_convert_stages_on_gpu(tiny_teacher_dir, data_file, tmp_path):
         assert m["final_loss"] == m["final_loss"] and m["final_loss"] < float("inf")
         assert m["steady_tokens_per_s"] > 0 and m["flops_per_token"] > 0
         assert "mfu" in m
+
+
+@pytest.mark.parametrize("broken", ["weights.safetensors", "meta.json", "optimizer.rank0.pt"])
+def test_a_corrupt_checkpoint_names_the_file_and_the_fix(tmp_path, broken):
+    stage = StageDir(tmp_path, "stage1")
+    w = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(w.parameters())
+    w(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    stage.save_checkpoint(dict(w.state_dict()), opt, {"step": 1})
+    weights, meta = stage.load_checkpoint(torch.optim.AdamW(w.parameters()))
+    assert meta["step"] == 1 and set(weights) == {"weight", "bias"}
+    path = stage.checkpoint_path / broken
+    path.write_bytes(path.read_bytes()[:9])
+    with pytest.raises(ValueError, match="cannot read the checkpoint file") as info:
+        stage.load_checkpoint(torch.optim.AdamW(w.parameters()))
+    assert broken in str(info.value) and f"delete {stage.checkpoint_path}" in str(info.value)

@@ -511,3 +511,14 @@ def test_full_layout_runs_in_query_slices_that_equal_one_call(monkeypatch):
     calls.clear()
     sa._flex_in_query_chunks(q, k, v, idx, 16, None, False)  # compact: one call
     assert [(t, kv) for _, t, kv in calls] == [(50, 110)]
+
+
+@pytest.mark.parametrize("dense_len", [0, 1000])
+def test_sparse_attention_checks_shapes_on_every_path(dense_len):
+    cfg = SparseConfig(kernel_size=4, kernel_stride=2, block_size=8, window_size=16, topk=2, dense_len=dense_len)
+    k = torch.randn(1, 2, 40, 16)
+    for q, kk, vv in ((torch.randn(1, 3, 40, 16), k, k), (torch.randn(1, 4, 40, 8), k, k),
+                      (torch.randn(1, 4, 0, 16), k, k), (torch.randn(4, 40, 16), k, k),
+                      (torch.randn(1, 4, 40, 16), k, torch.randn(1, 2, 39, 16))):
+        with pytest.raises(ValueError, match="expected q"):
+            sparse_attention(q, kk, vv, cfg)

@@ -83,6 +83,12 @@ def test_decode_attention_ignores_stale_keys_and_rejects_bad_input():
         decode_attention(q, k, v, torch.tensor(3), impl="nope")
     with pytest.raises(ValueError, match="multiple of 128"):
         decode_attention(q, k[:, :, :200], v[:, :, :200], torch.tensor(3), impl="flex")
+    for bad in (torch.tensor(512), torch.tensor(-1)):
+        with pytest.raises(ValueError, match="outside the KV buffer of 512"):
+            decode_attention(q, k, v, bad)
+    for bad in (torch.tensor([3, 200]), torch.tensor(3.0), 3):
+        with pytest.raises(ValueError, match="0-d integer tensor"):
+            decode_attention(q, k, v, bad)
 
 
 def test_chunk_over_cache_uses_lower_right_bias_not_a_repeated_kv(monkeypatch):
@@ -213,6 +219,11 @@ def test_graph_decoder_errors():
     dec.step()
     with pytest.raises(ValueError, match="full"):
         dec.step()
+    seen = dec.cache.seen_tokens
+    with pytest.raises(ValueError, match="larger max_len"):  # checked before the prefill: nothing is lost
+        dec.generate(_ids(1, dec.cache.capacity - 5), 7)
+    assert dec.cache.seen_tokens == seen
+    assert dec.generate(_ids(1, dec.cache.capacity - 5), 6).shape == (1, 6)
 
 
 def test_static_cache_guards():

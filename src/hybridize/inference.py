@@ -318,9 +318,20 @@ class GraphDecoder:
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-        """Greedy continuation: prefill, then ``max_new_tokens - 1`` steps. Returns ``[batch, max_new_tokens]`` int64."""
+        """Greedy continuation: prefill, then ``max_new_tokens - 1`` steps. Returns ``[batch, max_new_tokens]`` int64.
+
+        Raises:
+            ValueError: ``max_new_tokens < 1``, or prompt + new tokens more than the static cache holds (checked
+                before any work, so no generated token is lost to a full cache).
+        """
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        need = input_ids.shape[-1] + max_new_tokens - 1
+        if need > self.cache.capacity:
+            raise ValueError(
+                f"a {input_ids.shape[-1]}-token prompt and {max_new_tokens} new tokens need {need} cache entries, "
+                f"the static cache holds {self.cache.capacity}: build the GraphDecoder with a larger max_len"
+            )
         self.prefill(input_ids)
         out = [self._token.clone()]
         for _ in range(max_new_tokens - 1):

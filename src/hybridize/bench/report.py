@@ -25,19 +25,36 @@ def fmt_context(n: int) -> str:
 
 
 def load_results(out_dir: Path) -> dict | None:
-    """The ``results.json`` of ``out_dir`` or None when there is none (or it does not parse)."""
+    """The ``results.json`` of ``out_dir``, or None when there is none.
+
+    Raises:
+        ValueError: the file exists but is not a ``hybridize bench`` results file (does not parse, or has no
+            ``results`` list of rows): merging into it would destroy it, so the caller must choose (the
+            message names ``--fresh`` and ``--out``).
+    """
     path = Path(out_dir) / RESULTS_JSON
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return None
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        data, why = None, f"it does not parse ({exc})"
+    else:
+        ok = isinstance(data, dict) and isinstance(data.get("results"), list) and all(
+            isinstance(r, dict) and "preset" in r and "context" in r for r in data["results"])
+        why = "it is not a `hybridize bench` results file (no list of preset/context rows)"
+        if ok:
+            return data
+    raise ValueError(f"{path} exists but {why}: runs merge into it, so it is left as it is; choose another --out, "
+                     f"or pass --fresh to replace it")
 
 
 def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
     """Rows of ``old`` not re-measured in ``new`` (same preset and context), then ``new``; sorted by preset
-    order of appearance and context."""
+    order of appearance and context. A new ``skipped`` row (not measured: time budget) never replaces an old
+    row of the same preset and context."""
+    old_keys = {(r["preset"], r["context"]) for r in old}
+    new = [r for r in new if not (r.get("status") == "skipped" and (r["preset"], r["context"]) in old_keys)]
     keys = {(r["preset"], r["context"]) for r in new}
     rows = [r for r in old if (r["preset"], r["context"]) not in keys] + list(new)
     order: dict[str, int] = {}

@@ -264,8 +264,10 @@ def _run_bench(opts: BenchOptions, log) -> dict:
     data = _environment(device, dtype, opts)
     previous = load_results(out_dir) if opts.merge else None
     if previous and (previous.get("device"), previous.get("dtype")) != (data["device"], data["dtype"]):
-        log(f"bench: {out_dir}/results.json is from {previous.get('device')} {previous.get('dtype')}: not merged")
-        previous = None
+        raise ValueError(
+            f"{out_dir}/results.json holds results of {previous.get('device')} {previous.get('dtype')}, this run "
+            f"measures {data['device']} {data['dtype']}: runs merge only on the same device and dtype; choose "
+            f"another --out, or pass --fresh to replace that file")
     data["copy_bandwidth"] = measure.copy_bandwidth(device)
     bw = data["copy_bandwidth"]["bytes_per_s"]
     log(f"bench: {data['device']}, copy bandwidth {bw / 1e9:.0f} GB/s (read + write)")

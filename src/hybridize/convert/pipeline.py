@@ -180,6 +180,11 @@ def check_convert_options(opts: ConvertOptions, num_layers: int | None = None) -
             f"--layer-types {opts.layer_types!r} has {len(layer_types)} letters but the teacher has {num_layers} "
             f"layers: give exactly {num_layers} letters (A attention, L lightning, S sparse)"
         )
+    if opts.recipe == "sala" and opts.num_attention is not None and layer_types is None and opts.num_attention < 2:
+        raise ValueError(
+            f"--recipe sala keeps the first and the last layer as sparse attention, so --num-attention must be >= 2, "
+            f"got {opts.num_attention} (or give the schedule itself with --layer-types)"
+        )
     if opts.num_attention is not None and not 0 <= opts.num_attention <= num_layers:
         raise ValueError(
             f"--num-attention must be in [0, {num_layers}] (the teacher has {num_layers} layers), got {opts.num_attention}"
@@ -298,8 +303,20 @@ def load_run_data(opts: ConvertOptions, tokenizer) -> tuple[list[list[int]], lis
     return tokenize_documents(corpus.train, tokenizer, cache=True), tokenize_documents(corpus.heldout, tokenizer, cache=True), desc
 
 
+#: the options a finished stage depends on: a rerun of the same run directory must give the same values (the
+#: stage would be reused, silently ignoring the new ones). Selection is left out: ``hybridize select`` redoes it.
+_STAGE_OPTIONS = {
+    "stage0": ("teacher", "data", "seq_len"),
+    "stage1": ("teacher", "data", "seq_len", "stage1_tokens", "stage1_batch", "stage1_lr", "stage1_lr_final", "seed"),
+    "stage2": ("recipe", "layer_types", "num_attention", "selection", "stage2_tokens", "stage2_batch", "stage2_lr",
+               "stage2_lr_final"),
+    "stage3": ("stage3_tokens", "stage3_seq_len", "stage3_batch", "stage3_lr"),
+}
+
+
 def _check_run_dir(run_dir: Path, opts: ConvertOptions) -> None:
-    """Refuse an output path that cannot hold a run, or a run directory made with another teacher/data.
+    """Refuse an output path that cannot hold a run, or a run directory whose finished stages were made with
+    other settings (:data:`_STAGE_OPTIONS`).
 
     Raises:
         ValueError: names the path or the differing setting, and the fix (another ``--out``).
@@ -311,16 +328,19 @@ def _check_run_dir(run_dir: Path, opts: ConvertOptions) -> None:
         parent = parent.parent
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ValueError(f"cannot write into {parent} (permission denied): choose a writable --out")
-    for name in ("stage0", "stage1"):
+    for name, keys in _STAGE_OPTIONS.items():
         m = StageDir(run_dir, name).manifest()
         if m is None:
             continue
-        before = m["inputs"].get("options", {})
-        for key in ("teacher", "data", "seq_len"):
-            if key in before and before[key] != getattr(opts, key):
+        before = m.get("inputs", {}).get("options", {})
+        for key in keys:
+            now = json.loads(json.dumps(getattr(opts, key)))  # tuples as lists, as the manifest holds them
+            if key in before and before[key] != now:
+                flag = "--" + key.replace("_", "-")
                 raise ValueError(
-                    f"{run_dir} holds a run made with {key}={before[key]!r}, not {getattr(opts, key)!r}: resume it "
-                    "with the same settings, or choose another --out for a new run"
+                    f"{run_dir} holds a finished {name} made with {flag} {before[key]!r}, not {now!r}: resume the "
+                    f"run with the same settings, remove {run_dir / name} and the stages after it to redo them "
+                    "with the new ones, or choose another --out for a new run"
                 )
 
 

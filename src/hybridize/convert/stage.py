@@ -119,6 +119,10 @@ def make_optimizer(params, lr: float) -> torch.optim.AdamW:
     return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
 
 
+class _WorldSizeMismatch(ValueError):
+    """A checkpoint written by another number of processes (bad input: the message says what to do)."""
+
+
 @dataclass
 class StageDir:
     """One stage's directory and its manifest.
@@ -242,21 +246,33 @@ class StageDir:
         None if there is none.
 
         Raises:
-            RuntimeError: if the checkpoint was written by a different number of processes.
+            ValueError: if the checkpoint was written by a different number of processes, or a checkpoint file
+                cannot be read (truncated or corrupt): names the file and the fix
+                (delete the checkpoint directory to restart the stage from its beginning).
         """
         from .distributed import context
 
         if not (self.checkpoint_path / "meta.json").exists():
             return None
-        meta = self._checkpoint_meta()
         ctx = context()
-        if meta.get("world_size", 1) != ctx.world_size:
-            raise RuntimeError(
-                f"{self.checkpoint_path} was written by {meta.get('world_size', 1)} processes; resume with the same "
-                f"number (now {ctx.world_size}) or delete the checkpoint to restart the stage"
-            )
-        weights = load_file(str(self.checkpoint_path / "weights.safetensors"))
-        if optimizer is not None:
-            state = torch.load(self.checkpoint_path / f"optimizer.rank{ctx.rank}.pt", weights_only=False)
-            optimizer.load_state_dict(state)
+        current = self.checkpoint_path / "meta.json"
+        try:
+            meta = self._checkpoint_meta()
+            if meta.get("world_size", 1) != ctx.world_size:
+                raise _WorldSizeMismatch(
+                    f"{self.checkpoint_path} was written by {meta.get('world_size', 1)} processes; resume with the "
+                    f"same number (now {ctx.world_size}) or delete the checkpoint to restart the stage"
+                )
+            current = self.checkpoint_path / "weights.safetensors"
+            weights = load_file(str(current))
+            if optimizer is not None:
+                current = self.checkpoint_path / f"optimizer.rank{ctx.rank}.pt"
+                optimizer.load_state_dict(torch.load(current, weights_only=False))
+        except _WorldSizeMismatch:
+            raise
+        except Exception as exc:  # a truncated or hand-edited file: say which, and how to go on
+            raise ValueError(
+                f"cannot read the checkpoint file {current} ({type(exc).__name__}: {str(exc)[:200]}); delete "
+                f"{self.checkpoint_path} to restart {self.name} from its beginning (earlier stages are kept)"
+            ) from exc
         return weights, meta

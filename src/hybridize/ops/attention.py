@@ -404,7 +404,8 @@ def decode_attention(
         ``[B, Hq, 1, d]`` in ``q``'s dtype.
 
     Raises:
-        ValueError: on shapes that do not fit, an unknown ``impl``, or ``L`` not a multiple of 128 for flex.
+        ValueError: on shapes that do not fit, an unknown ``impl``, ``L`` not a multiple of 128 for flex, or a
+            ``position`` that is not a 0-d integer tensor (or, off CUDA, lies outside ``[0, L)``).
     """
     b, hq, tq, d = q.shape
     if tq != 1 or k_buf.shape != v_buf.shape or k_buf.shape[0] != b or k_buf.shape[3] != d or hq % k_buf.shape[1]:
@@ -412,6 +413,13 @@ def decode_attention(
             f"decode_attention expects q [B, Hq, 1, d] and k/v buffers [B, Hkv, L, d] with Hkv | Hq; got "
             f"{tuple(q.shape)}, {tuple(k_buf.shape)}, {tuple(v_buf.shape)}"
         )
+    if not isinstance(position, torch.Tensor) or position.dim() != 0 or position.dtype.is_floating_point:
+        raise ValueError(
+            f"decode_attention expects position as a 0-d integer tensor (the new token's index in the buffer), "
+            f"got {position!r:.80}"
+        )
+    if not position.is_cuda and not 0 <= int(position) < k_buf.shape[2]:  # CUDA: no host sync (graph capture)
+        raise ValueError(f"position {int(position)} is outside the KV buffer of {k_buf.shape[2]} entries")
     scale = d**-0.5 if scale is None else scale
     if impl == "split":
         return _split_decode(q, k_buf, v_buf, position, scale)

@@ -538,6 +538,11 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, cfg: SparseConfig, **kwargs)
 
 
 def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor | None) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or q.shape[2] == 0:
+        raise ValueError(
+            f"expected q [B, Hq, Tq, d] (Tq >= 1), k/v [B, Hkv, Tk, d]; got {tuple(q.shape)}, {tuple(k.shape)}, "
+            f"{tuple(v.shape)}"
+        )
     b, hq, tq, d = q.shape
     if k.shape != v.shape or k.shape[0] != b or k.shape[3] != d or hq % k.shape[1] or tq > k.shape[2]:
         raise ValueError(
@@ -1077,8 +1082,12 @@ def sparse_attention(
 
     Returns:
         ``[B, Hq, Tq, d]`` in ``q``'s dtype.
+
+    Raises:
+        ValueError: on shapes that do not fit (checked before any path is chosen, the dense one included).
     """
     global _flex_broken
+    _check_qkv(q, k, v, None)
     tq, tk = q.shape[2], k.shape[2]
     if tk < cfg.dense_len:
         mask = attention_mask_4d(None, tq, tk, q.device)
