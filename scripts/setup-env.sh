@@ -5,6 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${HYBRIDIZE_PYTHON:-python3}"
+echo "hybridize: setting up .venv (first time: a few minutes; torch, transformers and the test tools)" >&2
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
@@ -14,3 +15,4 @@ if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
   .venv/bin/python -m pip install -q "${HYBRIDIZE_TORCH:-torch==2.13.0}"
 fi
 .venv/bin/python -m pip install -q -e ".[test]"
+echo "hybridize: .venv ready" >&2

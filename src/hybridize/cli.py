@@ -282,17 +282,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", default=d.out, help="run directory (rerun the same command to resume)")
     c.add_argument("--seq-len", type=_positive_int, default=d.seq_len, help="training sequence length (tokens), stages 1-2")
     c.add_argument("--stage1-tokens", type=_positive_int, default=d.stage1_tokens, help="stage 1 (alignment) token budget")
-    c.add_argument("--stage1-batch", type=_positive_int, default=d.stage1_batch)
+    c.add_argument("--stage1-batch", type=_positive_int, default=d.stage1_batch, help="stage 1 sequences per optimizer step (global, over all processes)")
     c.add_argument("--stage1-lr", type=_positive_float, default=d.stage1_lr, help="stage 1 peak learning rate")
     c.add_argument("--stage2-tokens", type=_positive_int, default=d.stage2_tokens, help="stage 2 (KL distillation) token budget")
-    c.add_argument("--stage2-batch", type=_positive_int, default=d.stage2_batch)
+    c.add_argument("--stage2-batch", type=_positive_int, default=d.stage2_batch, help="stage 2 sequences per optimizer step (global)")
     c.add_argument("--stage2-lr", type=_positive_float, default=d.stage2_lr, help="stage 2 peak learning rate")
     c.add_argument("--stage3", action="store_true", help="also run stage 3 (long-context fine-tune)")
-    c.add_argument("--stage3-tokens", type=_positive_int, default=d.stage3_tokens)
-    c.add_argument("--stage3-seq-len", type=_positive_int, default=d.stage3_seq_len)
-    c.add_argument("--stage3-batch", type=_positive_int, default=d.stage3_batch)
+    c.add_argument("--stage3-tokens", type=_positive_int, default=d.stage3_tokens, help="stage 3 (long-context next-token) token budget")
+    c.add_argument("--stage3-seq-len", type=_positive_int, default=d.stage3_seq_len, help="stage 3 sequence length (tokens; the paper uses 16384)")
+    c.add_argument("--stage3-batch", type=_positive_int, default=d.stage3_batch, help="stage 3 sequences per optimizer step (global)")
     c.add_argument("--stage3-lr", type=_positive_float, default=d.stage3_lr, help="stage 3 learning rate (constant)")
-    c.add_argument("--num-attention", type=int, default=None, help="attention layers to keep (default: floor(L/4))")
+    c.add_argument("--num-attention", type=int, default=None, help="attention layers to keep; default (None): floor(L/4) of the teacher's L layers")
     c.add_argument("--selection", choices=SELECTION_METHODS, default=d.selection, help="layer selection method")
     c.add_argument("--layer-types", default=None, help="fixed schedule, one letter a layer (A attention, L lightning, S sparse; under --recipe sala "
                         "A means sparse); skips selection (--num-attention, if given, must match its count)")
@@ -305,11 +305,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="optimizer steps between resumable checkpoints")
     c.add_argument("--collapse-threshold", type=float, default=d.collapse_threshold,
                    help="keep as attention the layers whose replacement alone drops C below this fraction of the teacher's (0: pure HALO ranking)")
-    c.add_argument("--passkey-trials", type=_positive_int, default=d.eval_passkey_trials)
+    c.add_argument("--passkey-trials", type=_positive_int, default=d.eval_passkey_trials, help="pass-key trials per length in the final evaluation")
     c.add_argument("--no-eval", action="store_true", help="skip the teacher-vs-hybrid evaluation")
-    c.add_argument("--seed", type=int, default=d.seed)
+    c.add_argument("--seed", type=int, default=d.seed, help="seed of the data order and the new weights")
     c.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    c.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available); under torchrun one GPU per process")
+    c.add_argument("--device", default=None, help="cpu or cuda; default (None): cuda if available; under torchrun one GPU per process")
     c.set_defaults(func=_convert)
 
     s = sub.add_parser("select", help="layer selection on a run with stage 1 done: per-layer R, C, KL, score and a plot "
@@ -323,12 +323,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="stream text from a converted checkpoint or a teacher")
     g.add_argument("--model", required=True, help="converted model dir, run dir, teacher dir, hub id, or 'smollm2'")
-    g.add_argument("--prompt", required=True)
-    g.add_argument("--max-new-tokens", type=_positive_int, default=64)
+    g.add_argument("--prompt", required=True, help="the text to continue (with --chat: the user message)")
+    g.add_argument("--max-new-tokens", type=_positive_int, default=64, help="tokens to generate at most (stops early at end-of-text)")
     g.add_argument("--temperature", type=_nonnegative_float, default=0.0, help="0 = greedy")
     g.add_argument("--top-p", type=_probability, default=0.95, help="nucleus sampling mass in (0, 1] (with --temperature > 0)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (with --temperature > 0)")
     g.set_defaults(func=_generate)
 
     from .convert.evaluate import PASSKEY_FORMS, PPL_TEXTS
@@ -365,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--grid", nargs="+", default=None,
                    help="candidates for a (numbers > 1, 'none' = no scaling); default: 100 200 300 500 700 1000 2000 5000 none")
     h.add_argument("--data", nargs="+", default=None, help="held-out text (.txt/.jsonl/.parquet); default: bundled held-out split")
-    h.add_argument("--batch-size", type=int, default=1)
+    h.add_argument("--batch-size", type=int, default=1, help="held-out sequences scored together")
     h.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     h.add_argument("--no-progress", action="store_true", help="no progress bars")
     h.set_defaults(func=_tune_hype)
@@ -403,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="profile 3 extra decode steps per measurement: kernels per step and the top kernels, in the JSON")
     b.add_argument("--fresh", action="store_true", help="start a new results.json instead of merging with the one in --out")
     b.add_argument("--commit", default=None, help="git commit to record when the tree has no .git (or set HYBRIDIZE_GIT_COMMIT)")
-    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompts")
     b.set_defaults(func=_bench)
     return p
 

@@ -38,7 +38,7 @@ _log = logging.getLogger("hybridize")
 
 #: 32K, 128K, 256K, 512K and 1M tokens
 DEFAULT_LENGTHS = (32768, 131072, 262144, 524288, 1048576)
-DEFAULT_OUT = "benchmarks/results/bench_h200"
+DEFAULT_OUT = "runs/bench"
 
 
 @dataclass
