@@ -611,6 +611,17 @@ def test_rerun_with_other_settings_for_a_finished_stage_is_refused(tiny_teacher_
     run_convert(_opts(tiny_teacher_dir, data_file, run))  # the same settings resume (reuse) fine
 
 
+def test_out_into_a_foreign_folder_is_refused(tiny_teacher_dir, data_file, tmp_path):
+    folder = tmp_path / "bench"
+    folder.mkdir()
+    (folder / "results.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"not a `hybridize convert` run \(results.json\)"):
+        run_convert(_opts(tiny_teacher_dir, data_file, folder))
+    assert sorted(p.name for p in folder.iterdir()) == ["results.json"]
+    (tmp_path / "empty").mkdir()
+    run_convert(_opts(tiny_teacher_dir, data_file, tmp_path / "empty", layer_types="ALLL"))  # an empty folder is fine
+
+
 def test_two_converts_never_share_a_run_dir(tiny_teacher_dir, data_file, tmp_path):
     from hybridize.convert.pipeline import _run_lock
 

@@ -328,6 +328,14 @@ def _check_run_dir(run_dir: Path, opts: ConvertOptions) -> None:
         parent = parent.parent
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ValueError(f"cannot write into {parent} (permission denied): choose a writable --out")
+    if run_dir.is_dir() and not is_run_dir(run_dir):
+        # a run directory in the making holds only these; anything else is someone else's folder
+        foreign = sorted(p.name for p in run_dir.iterdir() if p.name not in (".lock", "convert.log", "eval")
+                         and not p.name.startswith("."))
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+            raise ValueError(f"--out {run_dir} already holds files that are not a `hybridize convert` run ({shown}): "
+                             "choose a new or empty directory")
     for name, keys in _STAGE_OPTIONS.items():
         m = StageDir(run_dir, name).manifest()
         if m is None:
