@@ -38,13 +38,12 @@ def load_results(out_dir: Path) -> dict | None:
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        data, why = None, f"it does not parse ({exc})"
+        why = f"it does not parse ({exc})"
     else:
-        ok = isinstance(data, dict) and isinstance(data.get("results"), list) and all(
-            isinstance(r, dict) and "preset" in r and "context" in r for r in data["results"])
-        why = "it is not a `hybridize bench` results file (no list of preset/context rows)"
-        if ok:
+        if isinstance(data, dict) and isinstance(data.get("results"), list) and all(
+                isinstance(r, dict) and "preset" in r and "context" in r for r in data["results"]):
             return data
+        why = "it is not a `hybridize bench` results file (no list of preset/context rows)"
     raise ValueError(f"{path} exists but {why}: runs merge into it, so it is left as it is; choose another --out, "
                      f"or pass --fresh to replace it")
 

@@ -119,10 +119,6 @@ def make_optimizer(params, lr: float) -> torch.optim.AdamW:
     return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
 
 
-class _WorldSizeMismatch(ValueError):
-    """A checkpoint written by another number of processes (bad input: the message says what to do)."""
-
-
 @dataclass
 class StageDir:
     """One stage's directory and its manifest.
@@ -255,24 +251,25 @@ class StageDir:
         if not (self.checkpoint_path / "meta.json").exists():
             return None
         ctx = context()
-        current = self.checkpoint_path / "meta.json"
-        try:
-            meta = self._checkpoint_meta()
-            if meta.get("world_size", 1) != ctx.world_size:
-                raise _WorldSizeMismatch(
-                    f"{self.checkpoint_path} was written by {meta.get('world_size', 1)} processes; resume with the "
-                    f"same number (now {ctx.world_size}) or delete the checkpoint to restart the stage"
-                )
-            current = self.checkpoint_path / "weights.safetensors"
-            weights = load_file(str(current))
-            if optimizer is not None:
-                current = self.checkpoint_path / f"optimizer.rank{ctx.rank}.pt"
-                optimizer.load_state_dict(torch.load(current, weights_only=False))
-        except _WorldSizeMismatch:
-            raise
-        except Exception as exc:  # a truncated or hand-edited file: say which, and how to go on
+        meta = self._read_checkpoint_file("meta.json", lambda p: json.loads(p.read_text()))
+        if meta.get("world_size", 1) != ctx.world_size:
             raise ValueError(
-                f"cannot read the checkpoint file {current} ({type(exc).__name__}: {str(exc)[:200]}); delete "
+                f"{self.checkpoint_path} was written by {meta.get('world_size', 1)} processes; resume with the "
+                f"same number (now {ctx.world_size}) or delete the checkpoint to restart the stage"
+            )
+        weights = self._read_checkpoint_file("weights.safetensors", lambda p: load_file(str(p)))
+        if optimizer is not None:
+            state = self._read_checkpoint_file(f"optimizer.rank{ctx.rank}.pt", lambda p: torch.load(p, weights_only=False))
+            optimizer.load_state_dict(state)
+        return weights, meta
+
+    def _read_checkpoint_file(self, name: str, reader):
+        """``reader(checkpoint/name)``; a truncated or hand-edited file raises ValueError naming it and the fix."""
+        path = self.checkpoint_path / name
+        try:
+            return reader(path)
+        except Exception as exc:
+            raise ValueError(
+                f"cannot read the checkpoint file {path} ({type(exc).__name__}: {str(exc)[:200]}); delete "
                 f"{self.checkpoint_path} to restart {self.name} from its beginning (earlier stages are kept)"
             ) from exc
-        return weights, meta

@@ -32,6 +32,7 @@ import torch
 
 __all__ = [
     "FORCE_REFERENCE_ENV",
+    "reference_mismatch",
     "force_reference",
     "reference_forced",
     "fla_available",
@@ -170,6 +171,24 @@ def lightning_backend(device: torch.device) -> str:
         _fla_version,  # importlib.metadata scans sys.path: evaluated once, not per call
     )
     return "fla"
+
+
+def reference_mismatch(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> str | None:
+    """None when a fast path's ``out`` equals the reference ``ref`` to the precision of ``dtype``, else why not.
+
+    The rule the kernel checks share (a kernel that disagrees is never chosen): relative Frobenius error
+    ``|out - ref| / |ref|`` at most 1e-3 for fp32, 2e-2 for bf16/fp16 (both compared in fp32).
+
+    Args:
+        out, ref: tensors of one shape (any float dtype).
+        dtype: the activation dtype the fast path ran in.
+
+    Returns:
+        None, or ``"relative error E (tolerance T)"``.
+    """
+    err = ((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)).item()
+    tol = 1e-3 if dtype == torch.float32 else 2e-2
+    return None if err <= tol else f"relative error {err:.2e} (tolerance {tol:g})"
 
 
 def attention_backend(device: torch.device) -> str:
