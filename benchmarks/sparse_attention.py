@@ -13,7 +13,10 @@ candidate separately and in the same run:
     Triton scoring kernel (:mod:`hybridize.ops.triton_select`, candidate; its default, much larger query
     chunks), with ``selection_triton_same_rows``, the fraction of (KV head, query) rows whose indices equal
     the torch selection's;
-  - ``flex_mask``: building the FlexAttention BlockMask from the indices; ``flex``: the attention itself;
+  - ``flex_mask``: building the FlexAttention BlockMask from the indices; ``flex``: the attention itself,
+    with the BlockMask layout the library verified on this device (``flex_layout``, from
+    :func:`~hybridize.ops.sparse_attention.flex_mask_variant`): the compact mask is timed apart, the
+    full-width masks are built per bounded query slice inside ``flex``; not run when no layout is right;
   - ``sparse_total`` = best selection + flex_mask + flex, and the selection's share of it.
 
 The scoring path of each selection candidate is pinned (torch or triton), whatever
@@ -24,7 +27,11 @@ is recorded as ``"error: ..."`` rather than timed through its torch fallback.
   - ``selection``: scoring + top-k for the one query (torch scoring); ``selection_triton``: the same with
     the fused Triton scoring; ``gather``: gather the selected blocks' K/V + SDPA;
     ``flex``: the same selection through FlexAttention (mask build included);
-  - ``sparse_total`` = best selection + best of gather/flex.
+  - ``sparse_total`` = best selection + best of gather/flex;
+  - ``graph_sparse`` / ``graph_dense_sdpa``: one decode step as a CUDA graph replays it (what
+    :class:`~hybridize.inference.GraphDecoder` runs): the capturable static selection + gather
+    (:func:`~hybridize.ops.sparse_attention.sparse_decode_static`) against the dense SDPA call, with
+    ``graph_speedup_vs_dense`` and the graph step's relative error against the eager gather.
 
 Out-of-memory is recorded as ``"oom"``, other failures as ``"error: ..."``; a measurement whose estimated cost
 (extrapolated from the previous length) would overrun ``--time-budget`` is recorded as ``"skipped"``.
@@ -60,6 +67,7 @@ from hybridize.ops.sparse_attention import (
     select_block_indices,
     sparse_attention_flex,
     sparse_attention_gather,
+    sparse_decode_static,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -209,6 +217,31 @@ def _dense_decode_fn(q1, k, v):
     return run
 
 
+def _graph(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor] | str:
+    """``fn`` captured in a CUDA graph (after warm-up on a side stream); returns the replay (which returns the
+    graph's static output) or ``"error: ..."``/``"oom"`` when capture fails."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = fn()
+    except torch.cuda.OutOfMemoryError:
+        return "oom"
+    except Exception as exc:  # noqa: BLE001 - recorded, the run goes on
+        return f"error: capture failed: {type(exc).__name__}: {exc}"[:400]
+
+    def replay() -> torch.Tensor:
+        graph.replay()
+        return out
+
+    return replay
+
+
 def bench_length(t: int, cfg: SparseConfig, args, budget: Budget, compiled_scores) -> dict:
     """Every measurement at context length ``t``: a dict with ``prefill`` and ``decode`` sections (ms)."""
     dev = args.device
@@ -295,18 +328,28 @@ def bench_length(t: int, cfg: SparseConfig, args, budget: Budget, compiled_score
         idx = holder["idx"]
         row["selected_blocks_max"] = int((idx >= 0).sum(-1).max().item())
 
-        def build():
-            holder["mask"] = flex_block_mask(idx, t, t, cfg.block_size, HEADS // KV_HEADS, full_width=dev == "cpu")
+        if args.flex_layout == "compact":
 
-        measure("prefill", "flex_mask", build, 1.0)
-        if "mask" in holder:
-            measure(
-                "prefill",
-                "flex",
-                lambda: sparse_attention_flex(q, k, v, idx, cfg.block_size, block_mask=holder["mask"]),
-                1.0,
-                warmup=1,
-            )
+            def build():
+                holder["mask"] = flex_block_mask(idx, t, t, cfg.block_size, HEADS // KV_HEADS)
+
+            measure("prefill", "flex_mask", build, 1.0)
+            if "mask" in holder:
+                measure(
+                    "prefill",
+                    "flex",
+                    lambda: sparse_attention_flex(q, k, v, idx, cfg.block_size, block_mask=holder["mask"]),
+                    1.0,
+                    warmup=1,
+                )
+        elif args.flex_layout == "full":
+            # full-width masks grow as queries x key blocks: the library runs them in bounded query slices,
+            # each building its own mask, so the mask build is inside this time
+            row["prefill"]["flex_mask"] = "included in flex (full-width masks, built per query slice)"
+            measure("prefill", "flex", lambda: sa._flex_in_query_chunks(q, k, v, idx, cfg.block_size, None, True),
+                    1.0, warmup=1)
+        else:
+            row["prefill"]["flex"] = "not run: no BlockMask layout matched the reference on this device"
         holder.pop("mask", None)
         del idx
         holder.pop("idx", None)
@@ -314,8 +357,8 @@ def bench_length(t: int, cfg: SparseConfig, args, budget: Budget, compiled_score
 
     p = row["prefill"]
     sel = [p[x] for x in ("selection", "selection_compiled", "selection_triton") if isinstance(p.get(x), float)]
-    if sel and isinstance(p.get("flex_mask"), float) and isinstance(p.get("flex"), float):
-        p["sparse_total"] = min(sel) + p["flex_mask"] + p["flex"]
+    if sel and isinstance(p.get("flex"), float):
+        p["sparse_total"] = min(sel) + p["flex"] + (p["flex_mask"] if isinstance(p.get("flex_mask"), float) else 0.0)
         p["selection_fraction"] = min(sel) / p["sparse_total"]
         if isinstance(p.get("dense_sdpa"), float):
             p["speedup_vs_dense"] = p["dense_sdpa"] / p["sparse_total"]
@@ -350,8 +393,28 @@ def bench_length(t: int, cfg: SparseConfig, args, budget: Budget, compiled_score
     if "idx1" in holder:
         idx1 = holder["idx1"]
         measure("decode", "gather", lambda: sparse_attention_gather(q1, k, v, idx1, cfg.block_size), 1.0, warmup=2)
-        measure("decode", "flex", lambda: sparse_attention_flex(q1, k, v, idx1, cfg.block_size), 1.0, warmup=2)
+        if args.flex_layout is not None:
+            measure("decode", "flex", lambda: sparse_attention_flex(q1, k, v, idx1, cfg.block_size,
+                                                                     full_width=args.flex_layout == "full"),
+                    1.0, warmup=2)
+        if dev == "cuda":
+            # what a CUDA-graph decode step runs (GraphDecoder): static selection + gather, launches replayed
+            position = torch.tensor(t - 1, device=dev)
+            step = _graph(lambda: sparse_decode_static(q1, k, v, kc, position, cfg))
+            if isinstance(step, str):
+                row["decode"]["graph_sparse"] = step
+            else:
+                ref = sparse_attention_gather(q1, k, v, idx1, cfg.block_size).float()
+                row["graph_sparse_rel_err_vs_gather"] = ((step().float() - ref).norm() / ref.norm()).item()
+                measure("decode", "graph_sparse", step, 1.0, warmup=2)
+            dense = _graph(_dense_decode_fn(q1, k, v))
+            if isinstance(dense, str):
+                row["decode"]["graph_dense_sdpa"] = dense
+            else:
+                measure("decode", "graph_dense_sdpa", dense, 1.0, warmup=2)
     d = row["decode"]
+    if isinstance(d.get("graph_sparse"), float) and isinstance(d.get("graph_dense_sdpa"), float):
+        d["graph_speedup_vs_dense"] = d["graph_dense_sdpa"] / d["graph_sparse"]
     att = [d[x] for x in ("gather", "flex") if isinstance(d.get(x), float)]
     sel1 = [d[x] for x in ("selection", "selection_triton") if isinstance(d.get(x), float)]
     if att and sel1:
@@ -424,6 +487,13 @@ def main(argv: list[str] | None = None) -> int:
         "results": [],
     }
     torch.backends.cuda.matmul.allow_tf32 = True
+    # the BlockMask layout the library would use here, checked against the reference (torch 2.11 on an H200
+    # gave wrong results with the compact one); the CPU smoke test takes the full-width layout
+    if args.device == "cuda":
+        args.flex_layout = sa.flex_mask_variant(torch.device("cuda"), torch.bfloat16, HEADS, KV_HEADS, HEAD_DIM, cfg)
+    else:
+        args.flex_layout = "full"
+    result["flex_layout"] = args.flex_layout or "none (no layout matched the reference)"
     print(f"{result['gpu']}  torch {result['torch']}  triton {result['triton']}  commit {result['git_commit']}")
     for t in sizes:
         if budget.left() <= 0:

@@ -10,6 +10,8 @@ export HYBRIDIZE_GIT_COMMIT=${HYBRIDIZE_GIT_COMMIT:-unknown}
 # NVLink multicast stays off (device README): keep these whatever the image sets
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export RES=/root/res  # everything the jobs write that comes back (no weights, no checkpoints)
+# Triton keeps autotuning results on disk: fla's kernels are tuned once per shape for all processes of the hold
+export TRITON_CACHE_AUTOTUNING=1
 mkdir -p "$HYBRIDIZE_CACHE" /root/stash $RES
 END=$((SECONDS + ${BUDGET:-540}))
 GPUS=$(python3 -c 'import torch; print(torch.cuda.device_count())')
@@ -17,14 +19,17 @@ echo "[device] $(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 
 # copy a run directory's small files (manifests, logs, plots, reports), never weights or checkpoints
 copy_run() { mkdir -p "$2"; (cd "$1" 2>/dev/null && find . -type f \( -name '*.json' -o -name '*.log' -o -name '*.png' -o -name '*.md' \) \
     ! -path '*/model/*' ! -path '*/checkpoint*' -exec cp --parents {} "$2" \;); }
-# wait until both GPU jobs are done or this call's BUDGET (seconds) is spent ("final": or the hold's end), then
-# return $RES (with the conversion's and evaluation's small files) as $OUT/<name>.tgz
+# wait until the markers in $WAIT_FOR (default: both GPU jobs done) exist under $RES or this call's BUDGET
+# (seconds) is spent ("final": or the hold's end), then return $RES (with the conversion's and evaluation's
+# small files) as $OUT/<name>.tgz
+all_there() { local m; for m in ${WAIT_FOR:-gpu0.done gpu1.done}; do [ -f $RES/$m ] || return 1; done; }
 snapshot_when_done() {
   local stop=$END
   if [ "${2:-}" = final ]; then stop=$((SECONDS + $(cat /root/end_at) - $(date +%s))); fi
-  while [ $SECONDS -lt $stop ] && ! { [ -f $RES/gpu0.done ] && [ -f $RES/gpu1.done ]; }; do sleep 5; done
+  while [ $SECONDS -lt $stop ] && ! all_there; do sleep 5; done
   copy_run /root/run4 $RES/run4; copy_run /root/eval4 $RES/eval4
   nvidia-smi --query-gpu=index,utilization.gpu,memory.used --format=csv > $RES/logs/nvidia-smi-$1.csv 2>&1
-  tail -n 3 $RES/tests_gpu.log $RES/bench.log $RES/convert4.log $RES/eval4.log 2>/dev/null
+  tail -n 30 $RES/tests_gpu.log 2>/dev/null
+  tail -n 3 $RES/bench.log $RES/convert4.log $RES/eval4.log $RES/logs/fsdp.log $RES/decode_speed.log $RES/sparse_attention.log 2>/dev/null
   tar czf "$OUT/$1.tgz" -C $RES . && ls -la "$OUT"
 }
