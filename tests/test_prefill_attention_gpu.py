@@ -60,7 +60,15 @@ def test_candidate_matches_sdpa_in_bf16(impl, chunk, past):
     q, k, v = _qkv(chunk, past, seed=chunk + past)
     ref = eager_attention(q.float(), k.float(), v.float(), None)
     today = prefill_chunk_attention(q, k, v, impl="sdpa")
-    out = prefill_chunk_attention(q, k, v, impl=impl)
+    try:
+        out = prefill_chunk_attention(q, k, v, impl=impl)
+    except Exception as exc:
+        # torch 2.11 + H200: inductor found no flex kernel for a 64-query chunk over 100 keys (NoValidChoicesError);
+        # the model's prefill then runs sdpa for the rest of the process (test_chunked_prefill_...). Only that
+        # known compile failure of the flex candidate is tolerated: a wrong result, or any split failure, fails.
+        if impl == "flex" and "NoValidChoices" in str(exc):
+            pytest.xfail(f"flex candidate does not compile for chunk {chunk} over {past}: {str(exc)[:200]}")
+        raise
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
     e_out, e_today = rel_err(out, ref), rel_err(today, ref)
     print(f"{impl} chunk {chunk} over {past}: rel err {e_out:.2e} (sdpa {e_today:.2e})")

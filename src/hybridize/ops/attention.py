@@ -366,7 +366,7 @@ def _flex_decode_compiled():
     global _compiled_flex_decode
     if _compiled_flex_decode is None:
         # default dynamic=None: a second cache length recompiles once with a symbolic length
-        _compiled_flex_decode = torch.compile(_flex_decode, fullgraph=True)
+        _compiled_flex_decode = backend.compile_flex(_flex_decode)
     return _compiled_flex_decode
 
 
@@ -803,5 +803,5 @@ def _flex_prefill_compiled():
     if _compiled_flex_prefill is None:
         # dynamic=True: chunk after chunk the cache length changes; one symbolic compile instead of a static one
         # and a recompile inside the first timed prefill
-        _compiled_flex_prefill = torch.compile(_flex_prefill, fullgraph=True, dynamic=True)
+        _compiled_flex_prefill = backend.compile_flex(_flex_prefill, dynamic=True)
     return _compiled_flex_prefill

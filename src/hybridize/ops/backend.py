@@ -191,6 +191,33 @@ def reference_mismatch(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype)
     return None if err <= tol else f"relative error {err:.2e} (tolerance {tol:g})"
 
 
+#: Compiled variants (shapes, dtypes, layouts) one FlexAttention function may keep (dynamo's default is 8).
+FLEX_RECOMPILE_LIMIT = 64
+
+
+def compile_flex(fn: Callable, **kwargs) -> Callable:
+    """``torch.compile(fn, fullgraph=True, ...)`` for a function that calls FlexAttention.
+
+    ``fullgraph=True`` matters for correctness, not speed: past dynamo's recompile limit a plain compiled
+    function runs *eagerly*, and eager FlexAttention ignores a BlockMask's block lists (only its ``mask_mod``
+    applies), so a block-sparse call silently becomes dense (seen on the H200 with torch 2.11 once a process
+    had compiled 8 variants). With ``fullgraph`` the limit raises ``FailOnRecompileLimitHit`` and the callers
+    fall back to their reference path. The limit itself is raised to :data:`FLEX_RECOMPILE_LIMIT` for this
+    function where ``torch.compile`` takes a per-function limit (torch >= 2.12).
+
+    Args:
+        fn: the function to compile; kwargs: more ``torch.compile`` arguments (e.g. ``dynamic``).
+
+    Returns:
+        The compiled callable (compilation happens on its first call).
+    """
+    import inspect
+
+    if "recompile_limit" in inspect.signature(torch.compile).parameters:
+        kwargs.setdefault("recompile_limit", FLEX_RECOMPILE_LIMIT)
+    return torch.compile(fn, fullgraph=True, **kwargs)
+
+
 def attention_backend(device: torch.device) -> str:
     """``"sdpa"`` or ``"reference"`` (eager fp32 softmax): the softmax-attention path for ``device`` right now."""
     if reference_forced():

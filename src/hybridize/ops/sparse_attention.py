@@ -77,7 +77,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention import attention_mask_4d, softmax_attention
-from .backend import reference_forced, reference_mismatch
+from .backend import compile_flex, reference_forced, reference_mismatch
 
 __all__ = [
     "SparseConfig",
@@ -900,10 +900,9 @@ def _flex():
     if _compiled_flex is None:
         from torch.nn.attention.flex_attention import flex_attention
 
-        # default dynamic=None: the second length recompiles once with symbolic sizes. A per-length
-        # specialisation would hit dynamo's recompile limit and fall back to *eager* flex, which ignores
-        # the BlockMask indices (only mask_mod applies) -- a silently dense result.
-        _compiled_flex = torch.compile(flex_attention)
+        # default dynamic=None: the second length recompiles once with symbolic sizes; compile_flex: never an
+        # eager (dense) flex past the recompile limit -- it raises, and sparse_attention uses the reference
+        _compiled_flex = compile_flex(flex_attention)
     return _compiled_flex
 
 
