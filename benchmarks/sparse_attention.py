@@ -16,7 +16,7 @@ candidate separately and in the same run:
   - ``flex_mask``: building the FlexAttention BlockMask from the indices; ``flex``: the attention itself,
     with the BlockMask layout the library verified on this device (``flex_layout``, from
     :func:`~hybridize.ops.sparse_attention.flex_mask_variant`): the compact mask is timed apart, the
-    full-width masks are built per bounded query slice inside ``flex``; not run when no layout is right;
+    padded and full masks are built per bounded query slice inside ``flex``; not run when no layout is right;
   - ``sparse_total`` = best selection + flex_mask + flex, and the selection's share of it.
 
 The scoring path of each selection candidate is pinned (torch or triton), whatever
@@ -342,12 +342,12 @@ def bench_length(t: int, cfg: SparseConfig, args, budget: Budget, compiled_score
                     1.0,
                     warmup=1,
                 )
-        elif args.flex_layout == "full":
-            # full-width masks grow as queries x key blocks: the library runs them in bounded query slices,
-            # each building its own mask, so the mask build is inside this time
-            row["prefill"]["flex_mask"] = "included in flex (full-width masks, built per query slice)"
-            measure("prefill", "flex", lambda: sa._flex_in_query_chunks(q, k, v, idx, cfg.block_size, None, True),
-                    1.0, warmup=1)
+        elif args.flex_layout is not None:
+            # padded and full masks grow as queries x key blocks: the library runs them in bounded query
+            # slices, each building its own mask, so the mask build is inside this time
+            row["prefill"]["flex_mask"] = f"included in flex ({args.flex_layout} masks, built per query slice)"
+            measure("prefill", "flex", lambda: sa._flex_in_query_chunks(q, k, v, idx, cfg.block_size, None,
+                                                                         args.flex_layout), 1.0, warmup=1)
         else:
             row["prefill"]["flex"] = "not run: no BlockMask layout matched the reference on this device"
         holder.pop("mask", None)
@@ -395,7 +395,7 @@ def bench_length(t: int, cfg: SparseConfig, args, budget: Budget, compiled_score
         measure("decode", "gather", lambda: sparse_attention_gather(q1, k, v, idx1, cfg.block_size), 1.0, warmup=2)
         if args.flex_layout is not None:
             measure("decode", "flex", lambda: sparse_attention_flex(q1, k, v, idx1, cfg.block_size,
-                                                                     full_width=args.flex_layout == "full"),
+                                                                     layout=args.flex_layout),
                     1.0, warmup=2)
         if dev == "cuda":
             # what a CUDA-graph decode step runs (GraphDecoder): static selection + gather, launches replayed
@@ -488,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     torch.backends.cuda.matmul.allow_tf32 = True
     # the BlockMask layout the library would use here, checked against the reference (torch 2.11 on an H200
-    # gave wrong results with the compact one); the CPU smoke test takes the full-width layout
+    # gave wrong results with the compact one); the CPU smoke test takes the full layout
     if args.device == "cuda":
         args.flex_layout = sa.flex_mask_variant(torch.device("cuda"), torch.bfloat16, HEADS, KV_HEADS, HEAD_DIM, cfg)
     else:

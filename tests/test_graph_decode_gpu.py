@@ -88,6 +88,19 @@ def test_graph_greedy_generate_matches_eager():
     assert torch.equal(graph.generate(ids, 24), eager.generate(ids, 24))
 
 
+def test_flex_decode_graphs_of_two_batch_sizes_in_one_process():
+    """Decoders of batch 1 then batch 2 with flex decode in one process: each replay equals eager decoding (on
+    torch 2.11 the second batch size once recompiled to a symbolic-batch kernel whose replay hit an illegal
+    memory access; the batch is now a static size of the compiled kernel)."""
+    model = _model(torch.float32)
+    for batch in (1, 2):
+        ids = torch.randint(0, 512, (batch, 300), device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(batch))
+        graph = GraphDecoder(model, 340, batch=batch, chunk_size=128, decode_attention="flex")
+        assert graph.graph is not None, graph.graph_error
+        eager = GraphDecoder(model, 340, batch=batch, chunk_size=128, use_graph=False, decode_attention="flex")
+        assert torch.equal(graph.generate(ids, 16), eager.generate(ids, 16))
+
+
 def test_compiled_graph_step_equals_uncompiled():
     """The opt-in torch.compile of the step (then captured): same logits as the plain eager step."""
     model = _model()

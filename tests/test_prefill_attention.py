@@ -161,6 +161,9 @@ def test_compiled_flex_prefill_traces_once_for_growing_caches():
 
 def test_selector_env_context_manager_and_errors(monkeypatch):
     assert prefill_attention() == "sdpa"
+    cuda = torch.device("cuda", 0)
+    assert prefill_attention("cpu", torch.bfloat16) == "sdpa" and prefill_attention(cuda, torch.bfloat16) == "split"
+    assert prefill_attention(cuda, torch.float32) == "sdpa" and prefill_attention(cuda) == "sdpa"
     monkeypatch.setenv(PREFILL_ATTENTION_ENV, " Split ")
     assert prefill_attention() == "split"
     with use_prefill_attention("flex"):

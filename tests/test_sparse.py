@@ -351,12 +351,16 @@ def test_flex_block_mask_is_the_selection():
     for group, tq, tk in ((2, 300, 300), (16, 40, 300), (3, 1, 300)):
         q, k, _ = _qkv(1, 2 * group, 2, tq, tk=tk, seed=group)
         idx = select_block_indices(q, k, cfg)
-        bm = flex_block_mask(idx, tq, tk, cfg.block_size, group, full_width=True)
-        assert bm.BLOCK_SIZE == (16 * math.ceil(group / 16), cfg.block_size)
-        assert torch.equal(bm.to_dense().bool(), indices_to_mask(idx, math.ceil(tk / cfg.block_size)))
-        # the query's own block is the only partial (mask_mod) block
-        own = (torch.arange(tk - tq, tk) // cfg.block_size).view(1, 1, tq)
-        assert torch.equal(bm.kv_indices[..., 0].long(), own.expand(1, 2, tq)) and (bm.kv_num_blocks == 1).all()
+        for layout in ("padded", "full"):  # (to_dense needs the full-width tables)
+            bm = flex_block_mask(idx, tq, tk, cfg.block_size, group, layout=layout)
+            assert bm.BLOCK_SIZE == (16 * math.ceil(group / 16), cfg.block_size)
+            assert torch.equal(bm.to_dense().bool(), indices_to_mask(idx, math.ceil(tk / cfg.block_size)))
+            # the query's own block is the only partial (mask_mod) block
+            own = (torch.arange(tk - tq, tk) // cfg.block_size).view(1, 1, tq)
+            assert torch.equal(bm.kv_indices[..., 0].long(), own.expand(1, 2, tq)) and (bm.kv_num_blocks == 1).all()
+            assert (bm.q_indices is not None) == (layout == "full")
+    with pytest.raises(ValueError, match="unknown BlockMask layout"):
+        flex_block_mask(idx, tq, tk, cfg.block_size, group, layout="wide")
 
 
 # -------------------------------------------------------------------------------------- layer, model
@@ -462,8 +466,7 @@ def _fake_flex(wrong_layouts):
 
     calls = []
 
-    def fake(q, k, v, indices, block_size, *, scale=None, full_width=None, **_):
-        layout = "full" if full_width else "compact"
+    def fake(q, k, v, indices, block_size, *, scale=None, layout=None, **_):
         calls.append((layout, q.shape[2], k.shape[2]))
         if wrong_layouts.get(layout) == "raise":
             raise RuntimeError("no kernel")
@@ -477,8 +480,8 @@ def _fake_flex(wrong_layouts):
 
 @pytest.mark.parametrize(
     "wrong, expected",
-    [({}, "compact"), ({"compact": "wrong"}, "full"), ({"compact": "raise"}, "full"),
-     ({"compact": "wrong", "full": "wrong"}, None)],
+    [({}, "compact"), ({"compact": "wrong"}, "padded"), ({"compact": "raise", "padded": "wrong"}, "full"),
+     ({"compact": "wrong", "padded": "raise", "full": "wrong"}, None)],
 )
 def test_flex_mask_variant_takes_the_first_layout_that_matches_the_reference(monkeypatch, wrong, expected):
     from hybridize.ops import sparse_attention as sa
@@ -489,13 +492,15 @@ def test_flex_mask_variant_takes_the_first_layout_that_matches_the_reference(mon
     cfg = SparseConfig(kernel_size=8, kernel_stride=4, block_size=16, window_size=32, topk=4, dense_len=0)
     assert sa.flex_mask_variant(torch.device("cpu"), torch.float32, 4, 2, 16, cfg) == expected
     tried = [c[0] for c in calls]
-    assert tried == list(sa.FLEX_MASK_VARIANTS[: len(tried)]) and len(tried) == (1 if expected == "compact" else 2)
+    n = len(sa.FLEX_MASK_VARIANTS) if expected is None else sa.FLEX_MASK_VARIANTS.index(expected) + 1
+    assert tried == list(sa.FLEX_MASK_VARIANTS[:n])
     # cached: a second question runs nothing
     assert sa.flex_mask_variant(torch.device("cpu"), torch.float32, 4, 2, 16, cfg) == expected and len(calls) == len(tried)
 
 
-def test_full_layout_runs_in_query_slices_that_equal_one_call(monkeypatch):
-    """Full-width masks grow as queries x key blocks: the prefill is cut into query slices, each over the keys it
+@pytest.mark.parametrize("layout", ["padded", "full"])
+def test_wide_layouts_run_in_query_slices_that_equal_one_call(monkeypatch, layout):
+    """Padded and full masks grow as queries x key blocks: the prefill is cut into query slices, each over the keys it
     may see; the concatenation equals the reference over the whole chunk (queries after a cache)."""
     from hybridize.ops import sparse_attention as sa
 
@@ -505,11 +510,11 @@ def test_full_layout_runs_in_query_slices_that_equal_one_call(monkeypatch):
     cfg = SparseConfig(kernel_size=8, kernel_stride=4, block_size=16, window_size=32, topk=2, dense_len=0)
     q, k, v = _qkv(1, 4, 2, 50, tk=110, seed=3)
     idx = select_block_indices(q, k, cfg)
-    out = sa._flex_in_query_chunks(q, k, v, idx, 16, None, True)
+    out = sa._flex_in_query_chunks(q, k, v, idx, 16, None, layout)
     torch.testing.assert_close(out, sparse_attention_ref(q, k, v, cfg, indices=idx), atol=1e-5, rtol=1e-5)
-    assert [(t, kv) for _, t, kv in calls] == [(16, 76), (16, 92), (16, 108), (2, 110)]
+    assert calls == [(layout, 16, 76), (layout, 16, 92), (layout, 16, 108), (layout, 2, 110)]
     calls.clear()
-    sa._flex_in_query_chunks(q, k, v, idx, 16, None, False)  # compact: one call
+    sa._flex_in_query_chunks(q, k, v, idx, 16, None, "compact")  # compact: one call
     assert [(t, kv) for _, t, kv in calls] == [(50, 110)]
 
 
@@ -522,3 +527,33 @@ def test_sparse_attention_checks_shapes_on_every_path(dense_len):
                       (torch.randn(1, 4, 40, 16), k, torch.randn(1, 2, 39, 16))):
         with pytest.raises(ValueError, match="expected q"):
             sparse_attention(q, kk, vv, cfg)
+
+
+def test_flex_is_compiled_with_fullgraph_and_a_raised_recompile_limit(monkeypatch):
+    """compile_flex: fullgraph=True (past the limit a plain compile runs flex eagerly, which ignores BlockMask
+    block lists: a silently dense sparse layer); the limit raised per function, or globally on an older torch."""
+    import torch._dynamo.config as dynamo_config
+
+    from hybridize.ops import backend
+
+    seen = {}
+
+    def new_compile(fn, *, fullgraph=False, dynamic=None, recompile_limit=None):
+        seen.update(fullgraph=fullgraph, dynamic=dynamic, recompile_limit=recompile_limit)
+        return fn
+
+    monkeypatch.setattr(torch, "compile", new_compile)
+    assert backend.compile_flex(abs, dynamic=True) is abs
+    assert seen == {"fullgraph": True, "dynamic": True, "recompile_limit": backend.FLEX_RECOMPILE_LIMIT}
+
+    def old_compile(fn, *, fullgraph=False, dynamic=None):
+        seen.update(fullgraph=fullgraph, old=True)
+        return fn
+
+    monkeypatch.setattr(torch, "compile", old_compile)
+    with dynamo_config.patch(recompile_limit=8):  # (monkeypatch cannot restore dynamo's config module)
+        backend.compile_flex(abs)
+        assert seen["old"] and seen["fullgraph"] and dynamo_config.recompile_limit == backend.FLEX_RECOMPILE_LIMIT
+    with dynamo_config.patch(recompile_limit=100):
+        backend.compile_flex(abs)
+        assert dynamo_config.recompile_limit == 100  # never lowered

@@ -326,3 +326,22 @@ def test_flex_decode_check_accepts_a_matching_flex_and_reports_a_wrong_one(monke
 
     monkeypatch.setattr(attention_ops, "decode_attention", broken)
     assert "failed: RuntimeError" in attention_ops.flex_decode_mismatch(cpu, torch.bfloat16, 8, 2, 16)
+
+
+def test_flex_decode_check_runs_at_the_callers_batch(monkeypatch):
+    """The check compiles the kernel the decoder then replays, so it runs at the decoder's batch size (a batch-1
+    check followed by a batch-2 decoder made torch 2.11 replay a symbolic-batch kernel: illegal memory access)."""
+    from hybridize.ops import attention as attention_ops
+
+    monkeypatch.setattr(attention_ops, "_flex_decode_checks", {})
+    seen = []
+    real = attention_ops.decode_attention
+
+    def spy(q, k, v, position, *, scale=None, impl="split"):
+        seen.append((impl, q.shape[0], k.shape[0]))
+        return real(q, k, v, position, scale=scale, impl=impl)
+
+    monkeypatch.setattr(attention_ops, "decode_attention", spy)
+    assert attention_ops.flex_decode_mismatch(torch.device("cpu"), torch.float32, 4, 2, 16, batch=3) is None
+    assert ("flex", 3, 3) in seen and ("split", 3, 3) in seen
+

@@ -392,8 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--prefill-attention", default=None, choices=["sdpa", "split", "flex"],
                    help="attention of each prefill chunk over the cache: sdpa (one lower-right causal SDPA call), "
                         "split (prefix + own chunk on SDPA's kernels, merged by log-sum-exp) or flex (FlexAttention, "
-                        "compiled); default: $HYBRIDIZE_PREFILL_ATTENTION or sdpa. On an H200 at 256K: split 0.97 s, sdpa "
-                        "1.69 s, flex 2.73 s per layer; split's GPU equality test is still to run, so sdpa stays the default. "
+                        "compiled); default: $HYBRIDIZE_PREFILL_ATTENTION, else split on CUDA and sdpa elsewhere. On an "
+                        "H200 at 256K: split 0.97 s, sdpa 1.69 s, flex 2.73 s per layer (split equals sdpa in the GPU tests). "
                         "Rows record the choice (use one --out per choice: runs merge by preset/length)")
     b.add_argument("--no-graph", action="store_true", help="decode eagerly instead of replaying a CUDA graph")
     b.add_argument("--compile", action="store_true",

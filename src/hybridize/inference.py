@@ -166,7 +166,8 @@ class GraphDecoder:
         self.graph_error: str | None = None
         if self._fallback:
             mismatch = flex_decode_mismatch(
-                self.device, weight.dtype, config.num_attention_heads, config.num_key_value_heads, config.head_dim
+                self.device, weight.dtype, config.num_attention_heads, config.num_key_value_heads, config.head_dim,
+                batch,
             )
             if mismatch is not None:  # a kernel that gives wrong results is never chosen
                 _log.warning("GraphDecoder: %s; decode attention uses split", mismatch)

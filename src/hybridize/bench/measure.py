@@ -299,7 +299,7 @@ def measure_hybrid(
         hooks = _Breakdown(model, device) if breakdown else None
         try:
             with use_prefill_attention(prefill_attention):
-                prefill_impl = current_prefill_attention()
+                prefill_impl = current_prefill_attention(device, model.get_input_embeddings().weight.dtype)
                 sync(device)
                 t0 = time.perf_counter()
                 decoder.prefill(ids)

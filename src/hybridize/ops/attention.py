@@ -427,17 +427,26 @@ def decode_attention(
         if k_buf.shape[2] % DECODE_KV_BLOCK:
             raise ValueError(f"flex decode needs a buffer length that is a multiple of {DECODE_KV_BLOCK}, got {k_buf.shape[2]}")
         _load_flex()
-        fn = _flex_decode_compiled() if q.is_cuda else _flex_decode
-        return fn(q, k_buf, v_buf, position, scale)
+        if not q.is_cuda:
+            return _flex_decode(q, k_buf, v_buf, position, scale)
+        # the batch size stays a static size of the compiled kernel: on torch 2.11 + H200 a second batch size
+        # in one process (the auto check at batch 1, then a batch-2 decoder) made dynamo recompile with a
+        # symbolic batch, and replaying that kernel in a CUDA graph hit an illegal memory access
+        # (scripts/device/graph_decode_variants.py); with a static batch each batch size compiles its own
+        for t in (q, k_buf, v_buf):
+            torch._dynamo.mark_static(t, 0)
+        return _flex_decode_compiled()(q, k_buf, v_buf, position, scale)
     raise ValueError(f"unknown decode attention implementation {impl!r}; choose one of {DECODE_ATTENTION_IMPLS}")
 
 
 _flex_decode_checks: dict[tuple, str | None] = {}
 
 
-def flex_decode_mismatch(device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int) -> str | None:
-    """Check once per (device, dtype, heads, kv_heads, head_dim) that ``decode_attention(impl="flex")`` equals
-    ``impl="split"`` on random data; None when it does, else what differed.
+def flex_decode_mismatch(
+    device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int, batch: int = 1
+) -> str | None:
+    """Check once per (device, dtype, heads, kv_heads, head_dim, batch) that ``decode_attention(impl="flex")``
+    equals ``impl="split"`` on random data; None when it does, else what differed.
 
     Why: on torch 2.11 + an H200, compiled FlexAttention with ``compute_q_blocks=False`` BlockMasks gave results
     far from the reference in every GPU test that used it (``benchmarks/results/gpu_tests_h200.json``). A
@@ -448,16 +457,17 @@ def flex_decode_mismatch(device: torch.device, dtype: torch.dtype, heads: int, k
         device: where the check runs (the caller's device).
         dtype: the caller's activation dtype (tolerance: :func:`~hybridize.ops.backend.reference_mismatch`).
         heads, kv_heads, head_dim: the attention shape (``kv_heads`` divides ``heads``).
+        batch: rows, as the caller will decode them (the check compiles the kernel the caller then uses).
 
     Returns:
         None, or a one-line description (relative error, or the exception raised by flex).
     """
-    key = (device.type, device.index, dtype, heads, kv_heads, head_dim)
+    key = (device.type, device.index, dtype, heads, kv_heads, head_dim, batch)
     if key not in _flex_decode_checks:
         gen = torch.Generator(device=device).manual_seed(0)
         length, position = 3 * DECODE_KV_BLOCK, 2 * DECODE_KV_BLOCK + 37  # a partial block after two full ones
-        q = torch.randn(1, heads, 1, head_dim, device=device, dtype=dtype, generator=gen)
-        k, v = (torch.randn(1, kv_heads, length, head_dim, device=device, dtype=dtype, generator=gen) for _ in range(2))
+        q = torch.randn(batch, heads, 1, head_dim, device=device, dtype=dtype, generator=gen)
+        k, v = (torch.randn(batch, kv_heads, length, head_dim, device=device, dtype=dtype, generator=gen) for _ in range(2))
         pos = torch.tensor(position, device=device)
         try:
             with torch.no_grad():
@@ -492,16 +502,22 @@ _SDP_BACKENDS = {0: "math", 1: "flash", 2: "efficient", 3: "cudnn"}
 LSE_KERNELS = ("cudnn", "flash", "efficient", "math")
 
 
-def prefill_attention() -> str:
+def prefill_attention(device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> str:
     """The chunk-over-cache implementation in force now: the innermost :func:`use_prefill_attention` choice,
-    else ``$HYBRIDIZE_PREFILL_ATTENTION``, else ``"sdpa"``.
+    else ``$HYBRIDIZE_PREFILL_ATTENTION``, else the default for ``device`` and ``dtype``: ``"split"`` for
+    bf16/fp16 on CUDA (measured on an H200 at 256K, one Qwen3-8B layer: 0.97 s against 1.69 s for ``sdpa``,
+    and equal to it in the GPU tests, ``benchmarks/results/prefill_attention_h200.json`` and
+    ``gpu_tests_h200.json``), ``"sdpa"`` otherwise (fp32 has no fused GQA kernel with a log-sum-exp output;
+    also when ``device`` or ``dtype`` is None).
 
     Raises:
         ValueError: the environment variable names no implementation.
     """
     if _prefill_override:
         return _prefill_override[-1]
-    value = os.environ.get(PREFILL_ATTENTION_ENV, "").strip().lower() or "sdpa"
+    fast = device is not None and torch.device(device).type == "cuda" and dtype in (torch.bfloat16, torch.float16)
+    default = "split" if fast else "sdpa"
+    value = os.environ.get(PREFILL_ATTENTION_ENV, "").strip().lower() or default
     if value not in PREFILL_ATTENTION_IMPLS:
         raise ValueError(f"{PREFILL_ATTENTION_ENV}={value!r}: choose one of {PREFILL_ATTENTION_IMPLS}")
     return value
@@ -536,7 +552,7 @@ def prefill_attention_error(impl: str) -> str | None:
 def _chunk_over_cache(q, k, v, scale):
     """Dispatch of :func:`_sdpa` for ``1 < Tq < Tk`` without a mask: the selected implementation, logged once;
     a candidate that fails (other than out of memory) is reported once and replaced by ``sdpa`` from then on."""
-    impl = prefill_attention()
+    impl = prefill_attention(q.device, q.dtype)
     if impl != "sdpa" and impl not in _prefill_errors:
         try:
             out = prefill_chunk_attention(q, k, v, scale=scale, impl=impl)

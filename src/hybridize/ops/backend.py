@@ -202,8 +202,9 @@ def compile_flex(fn: Callable, **kwargs) -> Callable:
     function runs *eagerly*, and eager FlexAttention ignores a BlockMask's block lists (only its ``mask_mod``
     applies), so a block-sparse call silently becomes dense (seen on the H200 with torch 2.11 once a process
     had compiled 8 variants). With ``fullgraph`` the limit raises ``FailOnRecompileLimitHit`` and the callers
-    fall back to their reference path. The limit itself is raised to :data:`FLEX_RECOMPILE_LIMIT` for this
-    function where ``torch.compile`` takes a per-function limit (torch >= 2.12).
+    fall back to their reference path. The limit itself is raised to :data:`FLEX_RECOMPILE_LIMIT`: for this
+    function where ``torch.compile`` takes a per-function limit (torch >= 2.12), else dynamo's global
+    ``recompile_limit`` (only ever raised, never lowered; logged once).
 
     Args:
         fn: the function to compile; kwargs: more ``torch.compile`` arguments (e.g. ``dynamic``).
@@ -215,6 +216,14 @@ def compile_flex(fn: Callable, **kwargs) -> Callable:
 
     if "recompile_limit" in inspect.signature(torch.compile).parameters:
         kwargs.setdefault("recompile_limit", FLEX_RECOMPILE_LIMIT)
+    else:
+        import torch._dynamo.config as dynamo_config
+
+        for name in ("recompile_limit", "cache_size_limit"):  # the second is the older name of the first
+            if getattr(dynamo_config, name, FLEX_RECOMPILE_LIMIT) < FLEX_RECOMPILE_LIMIT:
+                setattr(dynamo_config, name, FLEX_RECOMPILE_LIMIT)
+                _log_once(f"dynamo-{name}", logging.INFO, "hybridize: torch._dynamo.config.%s raised to %d for "
+                          "FlexAttention (this torch has no per-function limit)", name, FLEX_RECOMPILE_LIMIT)
     return torch.compile(fn, fullgraph=True, **kwargs)
 
 

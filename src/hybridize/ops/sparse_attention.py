@@ -836,7 +836,7 @@ def _rows_per_token(group: int) -> int:
 
 
 def flex_block_mask(
-    indices: torch.Tensor, q_len: int, kv_len: int, block_size: int, group: int, *, full_width: bool = False
+    indices: torch.Tensor, q_len: int, kv_len: int, block_size: int, group: int, *, layout: str = "compact"
 ):
     """FlexAttention ``BlockMask`` for the token-major layout of :func:`sparse_attention_flex`.
 
@@ -849,8 +849,12 @@ def flex_block_mask(
         q_len, kv_len: Tq and Tk (queries are the last Tq positions).
         block_size: KV block size (the flex KV tile).
         group: query heads per KV head.
-        full_width: pad the index lists to ``ceil(Tk / block_size)`` columns and compute the transposed
-            (Q-side) tables that the backward pass needs; O(Tq * n_blocks) memory.
+        layout: one of :data:`FLEX_MASK_VARIANTS`: ``"compact"`` keeps the index lists ``K`` wide (O(Tq * K)
+            memory); ``"padded"`` pads them to ``ceil(Tk / block_size)`` columns (O(Tq * n_blocks)); ``"full"``
+            pads them and also computes the transposed (Q-side) tables that the backward pass needs.
+
+    Raises:
+        ValueError: an unknown ``layout``.
 
     Returns:
         ``torch.nn.attention.flex_attention.BlockMask``.
@@ -860,6 +864,9 @@ def flex_block_mask(
     """
     from torch.nn.attention.flex_attention import BlockMask
 
+    if layout not in FLEX_MASK_VARIANTS:
+        raise ValueError(f"unknown BlockMask layout {layout!r}; choose one of {FLEX_MASK_VARIANTS}")
+    wide = layout != "compact"
     rows = _rows_per_token(group)
     n_blocks = -(-kv_len // block_size)
     past = kv_len - q_len
@@ -867,10 +874,10 @@ def flex_block_mask(
     own = torch.div(torch.arange(past, kv_len, device=indices.device), block_size, rounding_mode="floor")
     # the own block is the last valid entry of every (ascending) list
     full_idx = indices.clamp(min=0).to(torch.int32)
-    if full_width and full_idx.shape[-1] < n_blocks:
+    if wide and full_idx.shape[-1] < n_blocks:
         full_idx = F.pad(full_idx, (0, n_blocks - full_idx.shape[-1]))
     partial_idx = own.to(torch.int32).view(1, 1, q_len, 1).expand(*indices.shape[:2], q_len, 1).contiguous()
-    if full_width:
+    if wide:
         partial_idx = F.pad(partial_idx, (0, n_blocks - 1))
     offset = torch.tensor(past, device=indices.device)
 
@@ -879,7 +886,7 @@ def flex_block_mask(
 
     kwargs = {}
     if "compute_q_blocks" in inspect.signature(BlockMask.from_kv_blocks).parameters:
-        kwargs["compute_q_blocks"] = full_width
+        kwargs["compute_q_blocks"] = layout == "full"
     return BlockMask.from_kv_blocks(
         torch.ones_like(count, dtype=torch.int32),
         partial_idx,
@@ -916,7 +923,7 @@ def sparse_attention_flex(
     scale: float | None = None,
     block_mask=None,
     kernel_options: dict | None = None,
-    full_width: bool | None = None,
+    layout: str | None = None,
 ) -> torch.Tensor:
     """Block-sparse attention through compiled FlexAttention with a BlockMask from the selection.
 
@@ -931,10 +938,9 @@ def sparse_attention_flex(
         block_mask: a prebuilt :func:`flex_block_mask` (to time it separately); built when None.
         kernel_options: FlexAttention kernel options, merged over the defaults ``BLOCK_M = 16``,
             ``BLOCK_N = min(64, block_size)`` (tiles must divide the sparse blocks) and ``num_warps = 4``.
-        full_width: the BlockMask layout (see :func:`flex_block_mask`): True = full-width tables with the
-            Q-side tables (needed for gradients and on CPU), False = compact; None = True on CPU or when a
-            gradient is needed, else False. :func:`sparse_attention` passes the layout that
-            :func:`flex_mask_variant` verified on the device.
+        layout: the BlockMask layout (see :func:`flex_block_mask`); None = ``"full"`` on CPU or when a
+            gradient is needed (the backward pass and inductor's CPU kernel need it), else ``"compact"``.
+            :func:`sparse_attention` passes the layout that :func:`flex_mask_variant` verified on the device.
 
     Returns:
         ``[B, Hq, Tq, d]`` in ``q``'s dtype.
@@ -953,9 +959,9 @@ def sparse_attention_flex(
         qr = F.pad(qr, (0, 0, 0, rows - g))
     qr = qr.reshape(b, hkv, tq * rows, d)
     if block_mask is None:
-        # full-width index tables: needed by the backward pass and by inductor's CPU flex kernel
+        # full tables: needed by the backward pass and by inductor's CPU flex kernel
         need_full = q.device.type == "cpu" or (torch.is_grad_enabled() and q.requires_grad)
-        block_mask = flex_block_mask(indices, tq, tk, block_size, g, full_width=need_full or bool(full_width))
+        block_mask = flex_block_mask(indices, tq, tk, block_size, g, layout="full" if need_full else layout or "compact")
     options = {"BLOCK_M": 16, "BLOCK_N": min(64, block_size), "num_warps": 4}
     if kernel_options:
         options.update(kernel_options)
@@ -966,8 +972,9 @@ def sparse_attention_flex(
 
 # -------------------------------------------------------------------------------------- dispatch
 
-#: BlockMask layouts of :func:`sparse_attention_flex`, in the order :func:`flex_mask_variant` tries them.
-FLEX_MASK_VARIANTS = ("compact", "full")
+#: BlockMask layouts of :func:`sparse_attention_flex`, in the order :func:`flex_mask_variant` tries them
+#: (cheapest first): compact index lists, lists padded to every key block, padded + Q-side tables.
+FLEX_MASK_VARIANTS = ("compact", "padded", "full")
 _flex_variants: dict[tuple, str | None] = {}
 
 
@@ -977,10 +984,11 @@ def flex_mask_variant(
     """The first BlockMask layout of :data:`FLEX_MASK_VARIANTS` whose :func:`sparse_attention_flex` output
     equals :func:`sparse_attention_ref` on a small random problem of this shape; None when none does.
 
-    Checked once per (device, dtype, heads, kv_heads, head_dim, block_size) and cached; costs one or two
+    Checked once per (device, dtype, heads, kv_heads, head_dim, block_size) and cached; costs one to three
     FlexAttention compiles (seconds). Why: on torch 2.11 + an H200 the compact layout gave relative errors
     of 0.2-5 against the reference in every GPU test (``benchmarks/results/gpu_tests_h200.json``) while the
-    full-width one passed the gradient test; a wrong kernel must never be chosen silently, so
+    full one passed them (the padded one, full-width lists without Q-side tables, is not yet run on a
+    GPU); a wrong kernel must never be chosen silently, so
     :func:`sparse_attention` uses the verified layout, or the reference when none is right.
 
     Args:
@@ -990,7 +998,7 @@ def flex_mask_variant(
             two-block window and ``dense_len = 0``, over ``8 * block_size + 13`` tokens: really sparse).
 
     Returns:
-        ``"compact"``, ``"full"`` or None; the reasons for rejected layouts are logged once.
+        ``"compact"``, ``"padded"``, ``"full"`` or None; the reasons for rejected layouts are logged once.
     """
     key = (device.type, device.index, dtype, heads, kv_heads, head_dim, cfg.block_size)
     if key in _flex_variants:
@@ -1007,7 +1015,7 @@ def flex_mask_variant(
         ref = sparse_attention_ref(q.float(), k.float(), v.float(), check, indices=idx)
         for variant in FLEX_MASK_VARIANTS:
             try:
-                out = sparse_attention_flex(q, k, v, idx, cfg.block_size, full_width=variant == "full")
+                out = sparse_attention_flex(q, k, v, idx, cfg.block_size, layout=variant)
                 problem = reference_mismatch(out, ref, dtype)
             except Exception as exc:  # noqa: BLE001 - logged, the next layout is tried
                 problem = f"{type(exc).__name__}: {str(exc)[:200]}"
@@ -1030,25 +1038,25 @@ def _log_once(key: str, level: int, message: str, *args) -> None:
         logger.log(level, message, *args)
 
 
-#: Index-table entries (per batch row and KV head) one full-width BlockMask may hold: the full layout's
-#: tables grow as queries x key blocks (16K x 16K at a 16K chunk over 1M tokens), so longer prefills are split.
+#: Index-table entries (per batch row and KV head) one padded or full BlockMask may hold: their tables
+#: grow as queries x key blocks (16K x 16K at a 16K chunk over 1M tokens), so longer prefills are split.
 FULL_MASK_ENTRIES = 2**25
 
 
-def _flex_in_query_chunks(q, k, v, indices, block_size: int, scale, full_width: bool) -> torch.Tensor:
-    """:func:`sparse_attention_flex` over consecutive query slices small enough that a full-width BlockMask
+def _flex_in_query_chunks(q, k, v, indices, block_size: int, scale, layout: str) -> torch.Tensor:
+    """:func:`sparse_attention_flex` over consecutive query slices small enough that a padded or full BlockMask
     stays under :data:`FULL_MASK_ENTRIES` entries; one call for the compact layout. Queries are the last Tq
     positions of ``k``, so the slice ending ``r`` queries before the end sees ``k[:, :, :Tk - r]``."""
     tq, tk = q.shape[2], k.shape[2]
-    step = tq if not full_width else max(16, FULL_MASK_ENTRIES // max(1, -(-tk // block_size)))
+    step = tq if layout == "compact" else max(16, FULL_MASK_ENTRIES // max(1, -(-tk // block_size)))
     if step >= tq:
-        return sparse_attention_flex(q, k, v, indices, block_size, scale=scale, full_width=full_width)
+        return sparse_attention_flex(q, k, v, indices, block_size, scale=scale, layout=layout)
     parts = []
     for start in range(0, tq, step):
         end = min(start + step, tq)
         kv_end = tk - (tq - end)
         parts.append(sparse_attention_flex(q[:, :, start:end], k[:, :, :kv_end], v[:, :, :kv_end],
-                                           indices[:, :, start:end], block_size, scale=scale, full_width=True))
+                                           indices[:, :, start:end], block_size, scale=scale, layout=layout))
     return torch.cat(parts, dim=2)
 
 
@@ -1066,8 +1074,8 @@ def sparse_attention(
     * ``Tk < dense_len``: every query is in the dense regime: dense causal SDPA (:func:`softmax_attention`).
     * ``Tq <= 16`` (decode, short chunks): :func:`sparse_attention_gather` -- reads only the selected blocks.
     * CUDA, no gradient needed, reference not forced: :func:`sparse_attention_flex` with the BlockMask layout
-      that :func:`flex_mask_variant` verified against the reference for this shape (full-width masks in query
-      slices of bounded size); the reference when no layout is right; if FlexAttention raises once (e.g. no
+      that :func:`flex_mask_variant` verified against the reference for this shape (padded and full masks in
+      query slices of bounded size); the reference when no layout is right; if FlexAttention raises once (e.g. no
       triton) the reference is used from then on, with one warning.
     * otherwise: :func:`sparse_attention_ref`.
 
@@ -1100,7 +1108,7 @@ def sparse_attention(
                 _log_once("flex-wrong", logging.WARNING, "hybridize: FlexAttention gives wrong results here (no "
                           "BlockMask layout passed the check); sparse attention prefill uses the reference")
                 return sparse_attention_ref(q, k, v, cfg, scale=scale, indices=indices)
-            out = _flex_in_query_chunks(q, k, v, indices, cfg.block_size, scale, variant == "full")
+            out = _flex_in_query_chunks(q, k, v, indices, cfg.block_size, scale, variant)
             _log_once("flex", logging.INFO, "hybridize: sparse attention prefill on CUDA: FlexAttention (%s BlockMask)", variant)
             return out
         except Exception as exc:  # a broken triton/inductor must not break the model
