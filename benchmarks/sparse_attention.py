@@ -17,7 +17,10 @@ candidate separately and in the same run:
     with the BlockMask layout the library verified on this device (``flex_layout``, from
     :func:`~hybridize.ops.sparse_attention.flex_mask_variant`): the compact mask is timed apart, the
     padded and full masks are built per bounded query slice inside ``flex``; not run when no layout is right;
-  - ``sparse_total`` = best selection + flex_mask + flex, and the selection's share of it.
+  - ``nsa``: fla's NSA selected-block kernel on the same selection (:func:`~hybridize.ops.sparse_attention.
+    sparse_attention_nsa`; run only where it equals the reference, ``nsa`` in the JSON says why not);
+  - ``sparse_total`` = best selection + the faster of flex (with its mask) and nsa (``attention_kernel``),
+    and the selection's share of it.
 
 The scoring path of each selection candidate is pinned (torch or triton), whatever
 :func:`hybridize.ops.sparse_attention.select_block_indices` would pick by itself; a fused kernel that fails
@@ -26,8 +29,8 @@ is recorded as ``"error: ..."`` rather than timed through its torch fallback.
   - ``dense_sdpa``: SDPA of the 16 query heads of each KV group against the whole cache (flash);
   - ``selection``: scoring + top-k for the one query (torch scoring); ``selection_triton``: the same with
     the fused Triton scoring; ``gather``: gather the selected blocks' K/V + SDPA;
-    ``flex``: the same selection through FlexAttention (mask build included);
-  - ``sparse_total`` = best selection + best of gather/flex;
+    ``flex``: the same selection through FlexAttention (mask build included); ``nsa``: through fla's kernel;
+  - ``sparse_total`` = best selection + best of gather/flex/nsa;
   - ``graph_sparse`` / ``graph_dense_sdpa``: one decode step as a CUDA graph replays it (what
     :class:`~hybridize.inference.GraphDecoder` runs): the capturable static selection + gather
     (:func:`~hybridize.ops.sparse_attention.sparse_decode_static`) against the dense SDPA call, with
@@ -67,6 +70,7 @@ from hybridize.ops.sparse_attention import (
     select_block_indices,
     sparse_attention_flex,
     sparse_attention_gather,
+    sparse_attention_nsa,
     sparse_decode_static,
 )
 
@@ -351,14 +355,24 @@ def bench_length(t: int, cfg: SparseConfig, args, budget: Budget, compiled_score
         else:
             row["prefill"]["flex"] = "not run: no BlockMask layout matched the reference on this device"
         holder.pop("mask", None)
+        if args.nsa is None:
+            measure("prefill", "nsa", lambda: sparse_attention_nsa(q, k, v, idx, cfg.block_size), 1.0, warmup=1)
+        else:
+            row["prefill"]["nsa"] = f"not run: {args.nsa}"
         del idx
         holder.pop("idx", None)
         torch.cuda.empty_cache()
 
     p = row["prefill"]
     sel = [p[x] for x in ("selection", "selection_compiled", "selection_triton") if isinstance(p.get(x), float)]
-    if sel and isinstance(p.get("flex"), float):
-        p["sparse_total"] = min(sel) + p["flex"] + (p["flex_mask"] if isinstance(p.get("flex_mask"), float) else 0.0)
+    att = {}
+    if isinstance(p.get("flex"), float):
+        att["flex"] = p["flex"] + (p["flex_mask"] if isinstance(p.get("flex_mask"), float) else 0.0)
+    if isinstance(p.get("nsa"), float):
+        att["nsa"] = p["nsa"]
+    if sel and att:
+        p["attention_kernel"] = min(att, key=att.get)
+        p["sparse_total"] = min(sel) + att[p["attention_kernel"]]
         p["selection_fraction"] = min(sel) / p["sparse_total"]
         if isinstance(p.get("dense_sdpa"), float):
             p["speedup_vs_dense"] = p["dense_sdpa"] / p["sparse_total"]
@@ -393,6 +407,8 @@ def bench_length(t: int, cfg: SparseConfig, args, budget: Budget, compiled_score
     if "idx1" in holder:
         idx1 = holder["idx1"]
         measure("decode", "gather", lambda: sparse_attention_gather(q1, k, v, idx1, cfg.block_size), 1.0, warmup=2)
+        if args.nsa is None:
+            measure("decode", "nsa", lambda: sparse_attention_nsa(q1, k, v, idx1, cfg.block_size), 1.0, warmup=2)
         if args.flex_layout is not None:
             measure("decode", "flex", lambda: sparse_attention_flex(q1, k, v, idx1, cfg.block_size,
                                                                      layout=args.flex_layout),
@@ -415,7 +431,7 @@ def bench_length(t: int, cfg: SparseConfig, args, budget: Budget, compiled_score
     d = row["decode"]
     if isinstance(d.get("graph_sparse"), float) and isinstance(d.get("graph_dense_sdpa"), float):
         d["graph_speedup_vs_dense"] = d["graph_dense_sdpa"] / d["graph_sparse"]
-    att = [d[x] for x in ("gather", "flex") if isinstance(d.get(x), float)]
+    att = [d[x] for x in ("gather", "flex", "nsa") if isinstance(d.get(x), float)]
     sel1 = [d[x] for x in ("selection", "selection_triton") if isinstance(d.get(x), float)]
     if att and sel1:
         d["sparse_total"] = min(sel1) + min(att)
@@ -494,6 +510,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         args.flex_layout = "full"
     result["flex_layout"] = args.flex_layout or "none (no layout matched the reference)"
+    # fla's NSA selected-block kernel: None when usable here and equal to the reference, else why not
+    args.nsa = "CPU smoke test" if args.device != "cuda" else (
+        sa.nsa_mismatch(torch.device("cuda"), torch.bfloat16, HEADS, KV_HEADS, HEAD_DIM, cfg))
+    result["nsa"] = args.nsa or "ok (equals the reference)"
     print(f"{result['gpu']}  torch {result['torch']}  triton {result['triton']}  commit {result['git_commit']}")
     for t in sizes:
         if budget.left() <= 0:

@@ -557,3 +557,65 @@ def test_flex_is_compiled_with_fullgraph_and_a_raised_recompile_limit(monkeypatc
     with dynamo_config.patch(recompile_limit=100):
         backend.compile_flex(abs)
         assert dynamo_config.recompile_limit == 100  # never lowered
+
+
+# ------------------------------------------------------------------ fla NSA candidate (GPU; logic checked here)
+
+
+def test_nsa_supported_names_what_does_not_fit(monkeypatch):
+    from hybridize.ops import backend
+    from hybridize.ops import sparse_attention as sa
+
+    assert "power of two >= 16" in sa.nsa_supported(9, 3, 64)  # SmolLM2's group of 3
+    assert "power of two >= 16" in sa.nsa_supported(48, 2, 64)  # 24
+    assert "head_dim <= 256" in sa.nsa_supported(32, 2, 512)
+    assert "do not split" in sa.nsa_supported(32, 3, 128)
+    monkeypatch.setattr(backend, "fla_available", lambda: False)
+    assert "not installed" in sa.nsa_supported(32, 2, 128)  # SALA's shape, without fla
+    with pytest.raises(ValueError, match="power of two"):
+        sa.sparse_attention_nsa(*_qkv(1, 9, 3, 40, d=16)[:3], torch.zeros(1, 3, 40, 2, dtype=torch.long), 16)
+
+
+@pytest.mark.parametrize("behaviour, ok", [("right", True), ("wrong", False), ("raise", False)])
+def test_nsa_check_accepts_only_a_kernel_that_equals_the_reference(monkeypatch, behaviour, ok):
+    """nsa_mismatch runs the kernel on a full prefill and on a chunk over a cache, against the reference."""
+    from hybridize.ops import sparse_attention as sa
+
+    calls = []
+
+    def fake(q, k, v, indices, block_size, *, scale=None):
+        calls.append((q.shape[2], k.shape[2]))
+        if behaviour == "raise":
+            raise RuntimeError("no kernel for this GPU")
+        cfg = SparseConfig(block_size=block_size, kernel_size=block_size // 2, kernel_stride=block_size // 4,
+                           window_size=2 * block_size, topk=2, dense_len=0)
+        out = sa.sparse_attention_ref(q.float(), k.float(), v.float(), cfg, scale=scale, indices=indices).to(q.dtype)
+        return out * 1.1 if behaviour == "wrong" else out
+
+    monkeypatch.setattr(sa, "nsa_supported", lambda *a: None)
+    monkeypatch.setattr(sa, "sparse_attention_nsa", fake)
+    monkeypatch.setattr(sa, "_nsa_checks", {})
+    cfg = SparseConfig(kernel_size=8, kernel_stride=4, block_size=16, window_size=32, topk=4, dense_len=0)
+    problem = sa.nsa_mismatch(torch.device("cpu"), torch.float32, 32, 2, 16, cfg)
+    assert (problem is None) == ok
+    if behaviour == "wrong":
+        assert "relative error" in problem
+    if behaviour == "raise":
+        assert "RuntimeError: no kernel" in problem
+    t = 8 * 16 + 13
+    assert calls[0] == (t, t) and (behaviour != "right" or calls[1] == (100, t))
+    n = len(calls)
+    assert sa.nsa_mismatch(torch.device("cpu"), torch.float32, 32, 2, 16, cfg) == problem and len(calls) == n  # cached
+
+
+def test_sparse_prefill_choice_from_the_environment(monkeypatch):
+    from hybridize.ops import sparse_attention as sa
+
+    monkeypatch.delenv(sa.SPARSE_PREFILL_ENV, raising=False)
+    assert sa.sparse_prefill_choice() == "auto"
+    monkeypatch.setenv(sa.SPARSE_PREFILL_ENV, " Flex ")
+    assert sa.sparse_prefill_choice() == "flex"
+    monkeypatch.setenv(sa.SPARSE_PREFILL_ENV, "fast")
+    with pytest.raises(ValueError, match="HYBRIDIZE_SPARSE_PREFILL='fast': choose one of"):
+        sa.sparse_attention(*_qkv(1, 4, 2, 40, d=16)[:3], SparseConfig(kernel_size=4, kernel_stride=2, block_size=8,
+                                                                        window_size=16, topk=2, dense_len=0))

@@ -27,6 +27,7 @@ from hybridize.ops.sparse_attention import (
     sparse_attention,
     sparse_attention_flex,
     sparse_attention_gather,
+    sparse_attention_nsa,
     sparse_attention_ref,
     sparse_decode,
 )
@@ -156,7 +157,9 @@ def test_gpu_selection_matches_cpu_fp32():
     assert agree > 0.995  # fp32 rounding may flip a near-tie now and then
 
 
-def test_dispatch_takes_flex_on_cuda_and_matches_reference():
+@pytest.mark.parametrize("choice", ["auto", "nsa", "flex"])
+def test_dispatch_on_cuda_matches_reference(choice, monkeypatch):
+    monkeypatch.setenv(sa.SPARSE_PREFILL_ENV, choice)
     q, k, v = _qkv(32, 2, 5000, 128, seed=4)
     with torch.no_grad():
         out = sparse_attention(q, k, v, SALA_SPARSE)
@@ -167,6 +170,22 @@ def test_dispatch_takes_flex_on_cuda_and_matches_reference():
     cfg = SparseConfig()
     with torch.no_grad():
         assert torch.equal(sparse_attention(q, k, v, cfg), softmax_attention(q, k, v, None))
+
+
+@pytest.mark.parametrize("t, tk", [(100, 100), (711, 711), (4097, 4097), (20000, 20000), (300, 9000), (1, 5000)])
+def test_nsa_matches_reference_bf16(t, tk):
+    """fla's NSA selected-block kernel on our selection (SALA shape: a group of 16) equals the reference, full
+    prefills and chunks over a cache; the library's own check agrees."""
+    why = sa.nsa_supported(32, 2, 128)
+    if why is not None:
+        pytest.skip(why)
+    q, k, v = _qkv(32, 2, t, 128, tk=tk, seed=t)
+    idx = select_block_indices(q, k, SALA_SPARSE)
+    ref = sparse_attention_ref(q.float(), k.float(), v.float(), SALA_SPARSE, indices=idx)
+    out = sparse_attention_nsa(q, k, v, idx, 64)
+    assert out.dtype == q.dtype and out.shape == q.shape and torch.isfinite(out).all()
+    assert rel_err(out, ref) < BF16_TOL
+    assert sa.nsa_mismatch(q.device, q.dtype, 32, 2, 128, SALA_SPARSE) is None
 
 
 def test_reference_backward_on_gpu():

@@ -278,6 +278,7 @@ def measure_hybrid(
     """
     from ..inference import GraphDecoder
     from ..ops.attention import prefill_attention_error, use_prefill_attention
+    from ..ops import sparse_attention as sparse_ops
     from ..ops.attention import prefill_attention as current_prefill_attention
 
     state = state if state is not None else {}
@@ -300,6 +301,8 @@ def measure_hybrid(
         try:
             with use_prefill_attention(prefill_attention):
                 prefill_impl = current_prefill_attention(device, model.get_input_embeddings().weight.dtype)
+                has_sparse = "sparse" in model.config.layer_types
+                sparse_ops.prefill_kernels_used.clear()  # this row's kernels only
                 sync(device)
                 t0 = time.perf_counter()
                 decoder.prefill(ids)
@@ -322,6 +325,7 @@ def measure_hybrid(
             **_timing_row(ttft, decode_s, decode_tokens, context, device),
             "prefill_attention": prefill_impl,
             "prefill_attention_error": prefill_attention_error(prefill_impl),
+            "sparse_prefill_kernels": list(sparse_ops.prefill_kernels_used) if has_sparse else None,
             "cache_bytes": decoder.cache.nbytes(),
             "graph": decoder.graph is not None,
             "graph_error": decoder.graph_error,

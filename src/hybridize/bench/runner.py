@@ -394,6 +394,7 @@ def _line(row: dict) -> str:
         f"peak {mem:.2f} GiB, prefill attention {row.get('prefill_attention')}, "
         f"graph {row.get('graph')} ({row.get('decode_attention')}"
         + (", compiled)" if row.get("compiled_step") else ")")
+        + (f", sparse prefill {'+'.join(row['sparse_prefill_kernels'])}" if row.get("sparse_prefill_kernels") else "")
     )
 
 

@@ -57,6 +57,10 @@ Implementations of the attention over a selection:
   prefill). The query heads of a GQA group are laid out as consecutive rows, so one 16-row tile is one
   token and the BlockMask is exactly the token's selection (the InfLLM-V2 kernel's layout).
 
+* :func:`sparse_attention_nsa` -- fla's NSA selected-block attention kernel (``fla.ops.nsa.parallel_nsa``;
+  one 16-row query-head tile per token, looping over its selected blocks; CUDA, query groups of a power of
+  two >= 16, e.g. SALA's 32 query / 2 KV heads).
+
 :func:`sparse_attention` dispatches between them (and to dense SDPA below ``dense_len``).
 
 Block scoring (steps 1-5) runs in torch (:func:`_window_block_scores`, which materialises the per-head
@@ -970,6 +974,126 @@ def sparse_attention_flex(
     return o.reshape(b, hq, tq, d)
 
 
+def nsa_supported(heads: int, kv_heads: int, head_dim: int) -> str | None:
+    """None when fla's NSA kernel takes this attention shape, else why not (one line)."""
+    if kv_heads < 1 or heads % kv_heads:
+        return f"{heads} query heads do not split over {kv_heads} KV heads"
+    g = heads // kv_heads
+    if g < 16 or g & (g - 1):
+        return f"NSA kernels need a query group (heads / kv_heads) that is a power of two >= 16, got {g}"
+    if head_dim > 256:
+        return f"NSA kernels take head_dim <= 256, got {head_dim}"
+    from .backend import fla_available
+
+    if not fla_available():
+        return "fla (flash-linear-attention) is not installed"
+    return None
+
+
+def sparse_attention_nsa(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    indices: torch.Tensor,
+    block_size: int,
+    *,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Block-sparse attention over a selection through fla's NSA selected-block kernel (``parallel_nsa`` with
+    the selection passed as ``block_indices``; no compressed or sliding-window branch).
+
+    The kernel keeps the 16+ query heads of a GQA group as the rows of one tile per token and loops over the
+    token's listed blocks, skipping -1 entries and blocks that start after the token, with the causal mask
+    inside its own block: the semantics of :func:`sparse_attention_ref` for a selection that lists the
+    query's own block (every selection of :func:`select_block_indices` does). Queries are the last ``Tq`` of
+    the ``Tk`` positions (prefill over a cache). Differentiable (fla's backward).
+
+    Args:
+        q: ``[B, Hq, Tq, d]``; k, v: ``[B, Hkv, Tk, d]`` (CUDA, 16-bit or fp32); ``Hq / Hkv`` a power of two
+            >= 16; ``d <= 256``.
+        indices: ``[B, Hkv, Tq, K]`` int64 from :func:`select_block_indices`.
+        block_size: tokens per block (fla's ``block_size``).
+        scale: softmax scale (default ``d ** -0.5``).
+
+    Returns:
+        ``[B, Hq, Tq, d]`` in ``q``'s dtype.
+
+    Raises:
+        ValueError: shapes that do not fit, or an attention shape the kernel does not take
+            (:func:`nsa_supported`); ImportError without fla.
+
+    Source: NSA (Yuan et al. 2025, arXiv 2502.11089) selected-attention branch, as implemented in
+    fla-org/flash-linear-attention ``fla/ops/nsa/parallel.py``; InfLLM-V2's stage-2 kernel has the same layout.
+    """
+    _check_qkv(q, k, v, indices)
+    why = nsa_supported(q.shape[1], k.shape[1], q.shape[3])
+    if why is not None:
+        raise ValueError(why)
+    from fla.ops.nsa import parallel_nsa
+
+    o = parallel_nsa(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+        block_indices=indices.transpose(1, 2).contiguous(), block_counts=indices.shape[-1],
+        block_size=block_size, scale=q.shape[3] ** -0.5 if scale is None else scale,
+    )
+    return o.transpose(1, 2)
+
+
+_nsa_checks: dict[tuple, str | None] = {}
+
+
+def nsa_mismatch(
+    device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int, cfg: SparseConfig
+) -> str | None:
+    """None when :func:`sparse_attention_nsa` equals :func:`sparse_attention_ref` on a small random problem of
+    this shape (the check :func:`flex_mask_variant` makes for FlexAttention), else why not (unsupported shape,
+    an error, or the relative error). Checked once per (device, dtype, shape, block size) and cached."""
+    key = (device.type, device.index, dtype, heads, kv_heads, head_dim, cfg.block_size)
+    if key not in _nsa_checks:
+        problem = nsa_supported(heads, kv_heads, head_dim)
+        if problem is None:
+            check = SparseConfig(kernel_size=cfg.kernel_size, kernel_stride=cfg.kernel_stride, init_blocks=1,
+                                 block_size=cfg.block_size, window_size=2 * cfg.block_size, topk=2, dense_len=0)
+            t = 8 * cfg.block_size + 13
+            gen = torch.Generator(device=device).manual_seed(1)
+            q = torch.randn(1, heads, t, head_dim, device=device, dtype=dtype, generator=gen)
+            k, v = (torch.randn(1, kv_heads, t, head_dim, device=device, dtype=dtype, generator=gen) for _ in range(2))
+            try:
+                with torch.no_grad():
+                    idx = select_block_indices(q, k, check)
+                    ref = sparse_attention_ref(q.float(), k.float(), v.float(), check, indices=idx)
+                    # a chunk of queries over a cache too (the last 100 queries)
+                    ref_tail = sparse_attention_ref(q[:, :, -100:].float(), k.float(), v.float(), check,
+                                                    indices=idx[:, :, -100:])
+                    problem = reference_mismatch(sparse_attention_nsa(q, k, v, idx, cfg.block_size), ref, dtype)
+                    problem = problem or reference_mismatch(
+                        sparse_attention_nsa(q[:, :, -100:], k, v, idx[:, :, -100:], cfg.block_size), ref_tail, dtype)
+            except Exception as exc:  # noqa: BLE001 - reported; the caller uses another path
+                problem = f"{type(exc).__name__}: {str(exc)[:200]}"
+        _nsa_checks[key] = problem
+        if problem is not None:
+            _log_once(f"nsa-{key}", logging.INFO, "hybridize: fla NSA sparse prefill not used (%s)", problem)
+    return _nsa_checks[key]
+
+
+#: Environment variable choosing the CUDA sparse prefill kernel: ``auto`` (default: fla NSA when it passes
+#: :func:`nsa_mismatch`, else FlexAttention with the layout :func:`flex_mask_variant` verified, else the
+#: reference), ``nsa``, ``flex`` or ``reference`` (a forced kernel that is unusable or wrong falls back to the
+#: reference, never to a wrong result).
+SPARSE_PREFILL_ENV = "HYBRIDIZE_SPARSE_PREFILL"
+SPARSE_PREFILL_CHOICES = ("auto", "nsa", "flex", "reference")
+
+
+def sparse_prefill_choice() -> str:
+    """``$HYBRIDIZE_SPARSE_PREFILL`` (default ``auto``); raises ValueError naming the choices for another value."""
+    import os
+
+    value = os.environ.get(SPARSE_PREFILL_ENV, "").strip().lower() or "auto"
+    if value not in SPARSE_PREFILL_CHOICES:
+        raise ValueError(f"{SPARSE_PREFILL_ENV}={value!r}: choose one of {SPARSE_PREFILL_CHOICES}")
+    return value
+
+
 # -------------------------------------------------------------------------------------- dispatch
 
 #: BlockMask layouts of :func:`sparse_attention_flex`, in the order :func:`flex_mask_variant` tries them
@@ -1029,6 +1153,14 @@ def flex_mask_variant(
 
 
 _flex_broken: str | None = None
+#: Kernels :func:`sparse_attention` ran for CUDA prefills in this process ("nsa", "flex-<layout>",
+#: "reference"), in first-use order: the bench records them per row.
+prefill_kernels_used: list[str] = []
+
+
+def _used(kernel: str) -> None:
+    if kernel not in prefill_kernels_used:
+        prefill_kernels_used.append(kernel)
 _logged: set[str] = set()
 
 
@@ -1073,7 +1205,9 @@ def sparse_attention(
 
     * ``Tk < dense_len``: every query is in the dense regime: dense causal SDPA (:func:`softmax_attention`).
     * ``Tq <= 16`` (decode, short chunks): :func:`sparse_attention_gather` -- reads only the selected blocks.
-    * CUDA, no gradient needed, reference not forced: :func:`sparse_attention_flex` with the BlockMask layout
+    * CUDA, no gradient needed, reference not forced: :func:`sparse_attention_nsa` when its shape is supported
+      and it passed :func:`nsa_mismatch` (``$HYBRIDIZE_SPARSE_PREFILL`` = ``nsa`` / ``flex`` / ``reference``
+      forces one); else :func:`sparse_attention_flex` with the BlockMask layout
       that :func:`flex_mask_variant` verified against the reference for this shape (padded and full masks in
       query slices of bounded size); the reference when no layout is right; if FlexAttention raises once (e.g. no
       triton) the reference is used from then on, with one warning.
@@ -1101,14 +1235,26 @@ def sparse_attention(
     if tq <= _GATHER_MAX_QUERIES:
         return sparse_attention_gather(q, k, v, indices, cfg.block_size, scale=scale)
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    if q.device.type == "cuda" and not grad and not reference_forced() and _flex_broken is None:
+    choice = sparse_prefill_choice()
+    fast = q.device.type == "cuda" and not grad and not reference_forced() and choice != "reference"
+    if fast and choice in ("auto", "nsa"):
+        if nsa_mismatch(q.device, q.dtype, q.shape[1], k.shape[1], q.shape[3], cfg) is None:
+            _log_once("nsa", logging.INFO, "hybridize: sparse attention prefill on CUDA: fla NSA kernel")
+            _used("nsa")
+            return sparse_attention_nsa(q, k, v, indices, cfg.block_size, scale=scale)
+        if choice == "nsa":
+            _used("reference")
+            return sparse_attention_ref(q, k, v, cfg, scale=scale, indices=indices)
+    if fast and _flex_broken is None:
         try:
             variant = flex_mask_variant(q.device, q.dtype, q.shape[1], k.shape[1], q.shape[3], cfg)
             if variant is None:
                 _log_once("flex-wrong", logging.WARNING, "hybridize: FlexAttention gives wrong results here (no "
                           "BlockMask layout passed the check); sparse attention prefill uses the reference")
+                _used("reference")
                 return sparse_attention_ref(q, k, v, cfg, scale=scale, indices=indices)
             out = _flex_in_query_chunks(q, k, v, indices, cfg.block_size, scale, variant)
+            _used(f"flex-{variant}")
             _log_once("flex", logging.INFO, "hybridize: sparse attention prefill on CUDA: FlexAttention (%s BlockMask)", variant)
             return out
         except Exception as exc:  # a broken triton/inductor must not break the model
@@ -1119,4 +1265,6 @@ def sparse_attention(
                 "hybridize: FlexAttention failed (%s); sparse attention uses the reference",
                 _flex_broken,
             )
+    if q.device.type == "cuda":
+        _used("reference")
     return sparse_attention_ref(q, k, v, cfg, scale=scale, indices=indices)
