@@ -1039,6 +1039,19 @@ def sparse_attention_nsa(
     return o.transpose(1, 2)
 
 
+def _check_problem(device, dtype, heads: int, kv_heads: int, head_dim: int, cfg: SparseConfig, seed: int):
+    """The small random problem the kernel checks compare on: ``cfg``'s block and kernel sizes with ``topk = 2``,
+    a two-block window and ``dense_len = 0`` over ``8 * block_size + 13`` tokens (really sparse, a partial last
+    block). Returns ``(check_cfg, q, k, v)``, q ``[1, heads, T, d]``, k/v ``[1, kv_heads, T, d]``."""
+    check = SparseConfig(kernel_size=cfg.kernel_size, kernel_stride=cfg.kernel_stride, init_blocks=1,
+                         block_size=cfg.block_size, window_size=2 * cfg.block_size, topk=2, dense_len=0)
+    t = 8 * cfg.block_size + 13
+    gen = torch.Generator(device=device).manual_seed(seed)
+    q = torch.randn(1, heads, t, head_dim, device=device, dtype=dtype, generator=gen)
+    k, v = (torch.randn(1, kv_heads, t, head_dim, device=device, dtype=dtype, generator=gen) for _ in range(2))
+    return check, q, k, v
+
+
 _nsa_checks: dict[tuple, str | None] = {}
 
 
@@ -1052,12 +1065,7 @@ def nsa_mismatch(
     if key not in _nsa_checks:
         problem = nsa_supported(heads, kv_heads, head_dim)
         if problem is None:
-            check = SparseConfig(kernel_size=cfg.kernel_size, kernel_stride=cfg.kernel_stride, init_blocks=1,
-                                 block_size=cfg.block_size, window_size=2 * cfg.block_size, topk=2, dense_len=0)
-            t = 8 * cfg.block_size + 13
-            gen = torch.Generator(device=device).manual_seed(1)
-            q = torch.randn(1, heads, t, head_dim, device=device, dtype=dtype, generator=gen)
-            k, v = (torch.randn(1, kv_heads, t, head_dim, device=device, dtype=dtype, generator=gen) for _ in range(2))
+            check, q, k, v = _check_problem(device, dtype, heads, kv_heads, head_dim, cfg, seed=1)
             try:
                 with torch.no_grad():
                     idx = select_block_indices(q, k, check)
@@ -1127,12 +1135,7 @@ def flex_mask_variant(
     key = (device.type, device.index, dtype, heads, kv_heads, head_dim, cfg.block_size)
     if key in _flex_variants:
         return _flex_variants[key]
-    check = SparseConfig(kernel_size=cfg.kernel_size, kernel_stride=cfg.kernel_stride, init_blocks=1,
-                         block_size=cfg.block_size, window_size=2 * cfg.block_size, topk=2, dense_len=0)
-    t = 8 * cfg.block_size + 13
-    gen = torch.Generator(device=device).manual_seed(0)
-    q = torch.randn(1, heads, t, head_dim, device=device, dtype=dtype, generator=gen)
-    k, v = (torch.randn(1, kv_heads, t, head_dim, device=device, dtype=dtype, generator=gen) for _ in range(2))
+    check, q, k, v = _check_problem(device, dtype, heads, kv_heads, head_dim, cfg, seed=0)
     chosen = None
     with torch.no_grad():
         idx = select_block_indices(q, k, check)
