@@ -474,13 +474,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-triton-selection", action="store_true", help="skip the fused Triton scoring candidate"
     )
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "sparse_attention_h200.json"))
+    parser.add_argument("--out", default=str(ROOT / "runs" / "sparse_attention.json"),
+                        help="results JSON (default runs/sparse_attention.json; the committed H200 figures are "
+                             "benchmarks/results/sparse_attention_h200.json)")
     parser.add_argument("--device", default="cuda", help="cuda; 'cpu' only smoke-tests the script at tiny sizes")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("needs a CUDA GPU (or --device cpu for a smoke test)", file=sys.stderr)
         return 2
-    sizes = [int(s) for s in args.sizes.split(",") if s]
+    try:
+        sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+    except ValueError:
+        parser.error(f"--sizes takes comma-separated token counts, e.g. 32768,131072; got {args.sizes!r}")
+    if not sizes or min(sizes) < 1:
+        parser.error(f"--sizes needs at least one context length >= 1 token, got {args.sizes!r}")
+    if args.repeats < 1:
+        parser.error(f"--repeats must be >= 1, got {args.repeats}")
+    if not args.time_budget > 0:
+        parser.error(f"--time-budget must be > 0 seconds, got {args.time_budget}")
+    out = Path(args.out)
+    try:  # fail now, not after the measurements
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        parser.error(f"cannot create the folder of --out {args.out}: {exc}")
+    if out.is_dir() or not os.access(out if out.exists() else out.parent, os.W_OK):
+        parser.error(f"cannot write --out {args.out}: a folder, or no write permission; give a file path")
     args.first = sizes[0]
     cfg = SparseConfig()
     budget = Budget(args.time_budget)
@@ -526,8 +544,6 @@ def main(argv: list[str] | None = None) -> int:
         result["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
 
     _print_table(result["results"])
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}  ({result['wall_s']} s)")
     if os.environ.get("OUT"):  # the device runner brings back files written under $OUT

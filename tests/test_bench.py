@@ -143,6 +143,11 @@ def test_bench_rejects_a_bad_prefill_attention_env(tmp_path, monkeypatch, capsys
     assert "HYBRIDIZE_PREFILL_ATTENTION" in capsys.readouterr().err
 
 
+def test_bench_prefill_attention_flag_wins_over_a_bad_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("HYBRIDIZE_PREFILL_ATTENTION", "fast")
+    assert main([*ARGS, "--presets", "tiny", "--no-warmup", "--prefill-attention", "sdpa", "--out", str(tmp_path)]) == 0
+
+
 def test_bench_rejects_bad_arguments(capsys):
     assert main([*ARGS, "--presets", "tiny", "--lengths", "0"]) == 2
     assert "lengths" in capsys.readouterr().err

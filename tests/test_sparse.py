@@ -22,6 +22,7 @@ from hybridize.ops.sparse_attention import (
     select_block_indices,
     select_blocks,
     sparse_attention,
+    sparse_attention_flex,
     sparse_attention_gather,
     sparse_attention_ref,
     sparse_decode,
@@ -361,6 +362,16 @@ def test_flex_block_mask_is_the_selection():
             assert (bm.q_indices is not None) == (layout == "full")
     with pytest.raises(ValueError, match="unknown BlockMask layout"):
         flex_block_mask(idx, tq, tk, cfg.block_size, group, layout="wide")
+    for args in ((idx, tq + 1, tk, 32, group), (idx.float(), tq, tk, 32, group), (idx[0], tq, tk, 32, group),
+                 (idx, tq, tk, 0, group), (idx, tq, tk, 32, 0), (idx, tq, tq - 1, 32, group)):
+        with pytest.raises(ValueError, match="flex_block_mask"):
+            flex_block_mask(*args)
+    q, k, v = _qkv(1, 4, 2, 40)
+    for layout in ("bogus", "", 5):
+        with pytest.raises(ValueError, match="unknown BlockMask layout"):
+            sparse_attention_flex(q, k, v, select_block_indices(q, k, cfg), 32, layout=layout)
+    with pytest.raises(ValueError, match="needs layout='full'"):  # CPU: only the full tables run
+        sparse_attention_flex(q, k, v, select_block_indices(q, k, cfg), 32, layout="compact")
 
 
 # -------------------------------------------------------------------------------------- layer, model

@@ -224,6 +224,13 @@ def test_graph_decoder_errors():
         dec.generate(_ids(1, dec.cache.capacity - 5), 7)
     assert dec.cache.seen_tokens == seen
     assert dec.generate(_ids(1, dec.cache.capacity - 5), 6).shape == (1, 6)
+    two = GraphDecoder(model, 40, batch=2, use_graph=False)
+    for bad in (torch.tensor([1, 2, 3]), torch.tensor([1.0, 2.0]), torch.ones(2, 1, 1, dtype=torch.long), [1, 2]):
+        with pytest.raises(ValueError, match=r"one integer token id per row: a \[2\]"):
+            two.step(bad)
+    for kw in ({"max_len": 64.5}, {"batch": True}, {"batch": 2.5}, {"chunk_size": 0}, {"chunk_size": None}):
+        with pytest.raises(ValueError, match="must be an integer >= 1"):
+            GraphDecoder(model, **{"max_len": 40, **kw})
 
 
 def test_static_cache_guards():
@@ -326,6 +333,13 @@ def test_flex_decode_check_accepts_a_matching_flex_and_reports_a_wrong_one(monke
 
     monkeypatch.setattr(attention_ops, "decode_attention", broken)
     assert "failed: RuntimeError" in attention_ops.flex_decode_mismatch(cpu, torch.bfloat16, 8, 2, 16)
+
+
+def test_decode_attention_refuses_a_scale_that_is_not_positive():
+    q, k = torch.randn(1, 4, 1, 16), torch.randn(1, 2, 128, 16)
+    for scale in (0.0, -0.5):
+        with pytest.raises(ValueError, match="scale > 0"):
+            decode_attention(q, k, k, torch.tensor(5), scale=scale)
 
 
 def test_flex_decode_check_runs_at_the_callers_batch(monkeypatch):

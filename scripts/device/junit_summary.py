@@ -1,8 +1,8 @@
 """Summarise the junit XML files of GPU test runs into one JSON record (benchmarks/results/gpu_tests_h200.json).
 
     python3 scripts/device/junit_summary.py --out benchmarks/results/gpu_tests_h200.json \\
-        --meta gpu="NVIDIA H200" torch=2.11.0+cu130 \\
-        8a2e381:call1:/tmp/r3/test_gpu.xml 8a2e381:rerun:/tmp/r3/test_gpu_rerun.xml ...
+        --meta gpu="NVIDIA H200" --meta torch=2.11.0+cu130 \\
+        8a2e381:call1:/tmp/r3/test_sparse_gpu.xml 8a2e381:rerun:/tmp/r3/test_gpu_rerun.xml ...
 
 Each positional argument is COMMIT:RUN:XML. Later arguments win for the same test: the summary gives every
 test's last outcome (and where it ran), and ``history`` keeps each run's outcome.
@@ -32,13 +32,29 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+", help="COMMIT:RUN:XML, in the order they ran")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--meta", nargs="*", default=[], help="KEY=VALUE pairs recorded as they are")
+    p.add_argument("--meta", action="append", default=[], metavar="KEY=VALUE",
+                   help="a field recorded as it is (repeat the flag for more); not runs/tests/note/date_utc")
     p.add_argument("--note", default="")
     args = p.parse_args()
+    meta = {}
+    for kv in args.meta:
+        key, sep, value = kv.partition("=")
+        if not sep or not key or key in ("runs", "tests", "note", "date_utc", "summary_last_outcome"):
+            p.error(f"--meta takes KEY=VALUE with a KEY other than the record's own fields, got {kv!r}")
+        meta[key] = value
     last, history = {}, {}
     for spec in args.runs:
-        commit, run, xml = spec.split(":", 2)
-        for name, outcome, seconds, message in outcomes(Path(xml)):
+        commit, _, rest = spec.partition(":")
+        run, _, xml = rest.partition(":")
+        if not (commit and run and xml):
+            p.error(f"each run is COMMIT:RUN:XML (e.g. 8a2e381:call1:test_gpu.xml), got {spec!r}")
+        try:
+            cases = list(outcomes(Path(xml)))
+        except (OSError, ET.ParseError) as exc:
+            p.error(f"cannot read the junit file of {spec!r}: {exc}")
+        if not cases:
+            p.error(f"{xml} holds no test case (a run stopped before pytest wrote its results?)")
+        for name, outcome, seconds, message in cases:
             row = {"outcome": outcome, "seconds": round(seconds, 3), "commit": commit, "run": run}
             if message:
                 row["message"] = message
@@ -48,7 +64,7 @@ def main() -> None:
     for row in last.values():
         summary[row["outcome"]] = summary.get(row["outcome"], 0) + 1
     record = {
-        **dict(kv.split("=", 1) for kv in args.meta),
+        **meta,
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "runs": args.runs,
         "summary_last_outcome": summary,

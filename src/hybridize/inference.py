@@ -131,7 +131,7 @@ class GraphDecoder:
         setup_s: seconds spent on warm-up and capture.
 
     Raises:
-        ValueError: a model without ``layer_types``, ``max_len < 1``, ``batch < 1`` or an unknown
+        ValueError: a model without ``layer_types``, ``max_len``, ``batch`` or ``chunk_size`` not an integer >= 1, an unknown
             ``decode_attention``.
         torch.cuda.OutOfMemoryError: the cache or the warm-up/capture does not fit (never swallowed).
     """
@@ -154,6 +154,9 @@ class GraphDecoder:
             raise ValueError("GraphDecoder needs a hybridize model (config.layer_types)")
         if decode_attention not in ("auto", *DECODE_ATTENTION_IMPLS):
             raise ValueError(f"decode_attention must be 'auto' or one of {DECODE_ATTENTION_IMPLS}, got {decode_attention!r}")
+        for name, value in (("max_len", max_len), ("batch", batch), ("chunk_size", chunk_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"GraphDecoder {name} must be an integer >= 1, got {value!r}")
         weight = model.get_input_embeddings().weight
         self.model = model
         self.batch = batch
@@ -298,11 +301,17 @@ class GraphDecoder:
         keep it). The greedy next token is stored as the following step's input.
 
         Raises:
-            ValueError: the cache is full.
+            ValueError: the cache is full, or ``tokens`` is not ``batch`` integer ids.
         """
         if self.cache.seen_tokens + 1 > self.cache.capacity:
             raise ValueError(f"the static cache is full ({self.cache.capacity} tokens)")
         if tokens is not None:
+            if (not isinstance(tokens, torch.Tensor) or tokens.dtype.is_floating_point or tokens.dtype == torch.bool
+                    or tokens.numel() != self.batch or tokens.dim() > 2):
+                raise ValueError(
+                    f"step() takes one integer token id per row: a [{self.batch}] or [{self.batch}, 1] integer tensor, "
+                    f"got {tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__}"
+                    f"{' ' + str(tokens.dtype) if isinstance(tokens, torch.Tensor) else ''}")
             self._token.copy_(tokens.reshape(self.batch, 1))
         if self.graph is not None:
             self.graph.replay()

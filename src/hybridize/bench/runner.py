@@ -151,7 +151,8 @@ def _validate(opts: BenchOptions) -> tuple[torch.device, torch.dtype]:
         raise ValueError(f"decode_attention must be auto, flex or split, got {opts.decode_attention!r}")
     if opts.prefill_attention is not None and opts.prefill_attention not in PREFILL_ATTENTION_IMPLS:
         raise ValueError(f"prefill_attention must be one of {PREFILL_ATTENTION_IMPLS}, got {opts.prefill_attention!r}")
-    prefill_attention()  # a bad HYBRIDIZE_PREFILL_ATTENTION fails here, not in the first prefill
+    if opts.prefill_attention is None:  # a bad HYBRIDIZE_PREFILL_ATTENTION fails here (the flag wins over it)
+        prefill_attention()
     name = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():

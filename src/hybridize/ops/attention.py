@@ -404,7 +404,8 @@ def decode_attention(
         ``[B, Hq, 1, d]`` in ``q``'s dtype.
 
     Raises:
-        ValueError: on shapes that do not fit, an unknown ``impl``, ``L`` not a multiple of 128 for flex, or a
+        ValueError: on shapes that do not fit, an unknown ``impl``, a ``scale`` <= 0 (the split path's running
+            maximum assumes a positive scale), ``L`` not a multiple of 128 for flex, or a
             ``position`` that is not a 0-d integer tensor (or, off CUDA, lies outside ``[0, L)``).
     """
     b, hq, tq, d = q.shape
@@ -421,6 +422,8 @@ def decode_attention(
     if not position.is_cuda and not 0 <= int(position) < k_buf.shape[2]:  # CUDA: no host sync (graph capture)
         raise ValueError(f"position {int(position)} is outside the KV buffer of {k_buf.shape[2]} entries")
     scale = d**-0.5 if scale is None else scale
+    if not scale > 0:
+        raise ValueError(f"decode_attention needs a softmax scale > 0, got {scale!r}")
     if impl == "split":
         return _split_decode(q, k_buf, v_buf, position, scale)
     if impl == "flex":

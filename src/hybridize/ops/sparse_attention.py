@@ -870,6 +870,12 @@ def flex_block_mask(
 
     if layout not in FLEX_MASK_VARIANTS:
         raise ValueError(f"unknown BlockMask layout {layout!r}; choose one of {FLEX_MASK_VARIANTS}")
+    if indices.dim() != 4 or indices.dtype.is_floating_point or indices.shape[2] != q_len:
+        raise ValueError(f"flex_block_mask expects integer indices [B, Hkv, q_len={q_len}, K], got "
+                         f"{tuple(indices.shape)} {indices.dtype}")
+    if not 1 <= q_len <= kv_len or block_size < 1 or group < 1:
+        raise ValueError(f"flex_block_mask needs 1 <= q_len <= kv_len, block_size >= 1 and group >= 1; got q_len "
+                         f"{q_len}, kv_len {kv_len}, block_size {block_size}, group {group}")
     wide = layout != "compact"
     rows = _rows_per_token(group)
     n_blocks = -(-kv_len // block_size)
@@ -943,7 +949,8 @@ def sparse_attention_flex(
         kernel_options: FlexAttention kernel options, merged over the defaults ``BLOCK_M = 16``,
             ``BLOCK_N = min(64, block_size)`` (tiles must divide the sparse blocks) and ``num_warps = 4``.
         layout: the BlockMask layout (see :func:`flex_block_mask`); None = ``"full"`` on CPU or when a
-            gradient is needed (the backward pass and inductor's CPU kernel need it), else ``"compact"``.
+            gradient is needed (the backward pass and inductor's CPU kernel need it; another layout there is
+            a ValueError), else ``"compact"``.
             :func:`sparse_attention` passes the layout that :func:`flex_mask_variant` verified on the device.
 
     Returns:
@@ -962,10 +969,15 @@ def sparse_attention_flex(
     if rows > g:
         qr = F.pad(qr, (0, 0, 0, rows - g))
     qr = qr.reshape(b, hkv, tq * rows, d)
+    if layout is not None and layout not in FLEX_MASK_VARIANTS:
+        raise ValueError(f"unknown BlockMask layout {layout!r}; choose one of {FLEX_MASK_VARIANTS} (or None)")
     if block_mask is None:
         # full tables: needed by the backward pass and by inductor's CPU flex kernel
         need_full = q.device.type == "cpu" or (torch.is_grad_enabled() and q.requires_grad)
-        block_mask = flex_block_mask(indices, tq, tk, block_size, g, layout="full" if need_full else layout or "compact")
+        if need_full and layout not in (None, "full"):
+            raise ValueError(f"layout {layout!r} cannot run here: FlexAttention on CPU or with a gradient needs "
+                             "layout='full' (or None)")
+        block_mask = flex_block_mask(indices, tq, tk, block_size, g, layout=layout or ("full" if need_full else "compact"))
     options = {"BLOCK_M": 16, "BLOCK_N": min(64, block_size), "num_warps": 4}
     if kernel_options:
         options.update(kernel_options)
