@@ -13,7 +13,9 @@ while [ $SECONDS -lt $((END - 420)) ] && ! { [ -f $RES/gpu0.free ] && [ -f $RES/
 # the schedule HALO selected in the issue-4 run (attention layers 9,16,19,21,25,26,29 of 30): no selection here
 LT=$(python3 -c 'print("".join("A" if i in (9, 16, 19, 21, 25, 26, 29) else "L" for i in range(30)))')
 PER_RUN=$(( (END - SECONDS - 30) / 2 ))
-setsid nohup bash -c "python3 benchmarks/fsdp_scaling.py --gpus 2 --timeout $PER_RUN --out $RES/fsdp2_h200x2 \
+# FSDP_ENV: extra environment for both runs, e.g. HYBRIDIZE_FORCE_REFERENCE=1 (pure-torch kernels: tells
+# "fla/SDPA kernels" from "FSDP2/NCCL" when the two runs' losses differ)
+setsid nohup bash -c "${FSDP_ENV:+env $FSDP_ENV} python3 benchmarks/fsdp_scaling.py --gpus 2 --timeout $PER_RUN --out $RES/fsdp2_h200x2 \
     --runs /root/fsdp_runs --commit $HYBRIDIZE_GIT_COMMIT -- --data /root/h200_train.jsonl --layer-types $LT \
     --seq-len 512 --stage1-tokens 983040 --stage1-batch 64 --stage2-tokens 2621440 --stage2-batch 128 --no-eval \
     --device cuda --checkpoint-every 1000; touch $RES/fsdp.done" > $RES/logs/fsdp.log 2>&1 < /dev/null &
