@@ -435,9 +435,12 @@ def decode_attention(
         # the batch size stays a static size of the compiled kernel: on torch 2.11 + H200 a second batch size
         # in one process (the auto check at batch 1, then a batch-2 decoder) made dynamo recompile with a
         # symbolic batch, and replaying that kernel in a CUDA graph hit an illegal memory access
-        # (scripts/device/graph_decode_variants.py); with a static batch each batch size compiles its own
-        for t in (q, k_buf, v_buf):
-            torch._dynamo.mark_static(t, 0)
+        # (scripts/device/graph_decode_variants.py); with a static batch each batch size compiles its own.
+        # (Not while an outer torch.compile traces this call: mark_static is forbidden there, and the outer
+        # compile of GraphDecoder(compile=True) is specialised per decoder anyway.)
+        if not torch.compiler.is_compiling():
+            for t in (q, k_buf, v_buf):
+                torch._dynamo.mark_static(t, 0)
         return _flex_decode_compiled()(q, k_buf, v_buf, position, scale)
     raise ValueError(f"unknown decode attention implementation {impl!r}; choose one of {DECODE_ATTENTION_IMPLS}")
 
