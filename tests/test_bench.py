@@ -278,3 +278,33 @@ def test_a_skipped_measurement_does_not_replace_a_measured_one(tmp_path):
     assert main([*ARGS, "--presets", "tiny", "--out", str(out), "--no-warmup", "--total-budget", "0.001"]) == 0
     after = {(r["preset"], r["context"]): r for r in _load(out)["results"]}
     assert after[("tiny", 160)] == before[("tiny", 160)]
+
+
+def test_presets_spread_over_processes_merge_into_one_run(tmp_path, monkeypatch):
+    """run_bench_parallel (``--gpus N``): presets dealt over N processes, one results.json with every row, the
+    table and the plots; per-process results and logs under parts/. CPU workers here (gpus=False)."""
+    from hybridize.bench import BenchOptions, run_bench_parallel
+
+    out = tmp_path / "par"
+    opts = BenchOptions(presets=["tiny", "tiny-full", "tiny-hf"], lengths=[64], decode_tokens=2, chunk_size=64,
+                        device="cpu", out=str(out), warmup=False, command="hybridize bench --gpus 2 ...")
+    lines = []
+    summary = run_bench_parallel(opts, 2, log=lines.append, gpus=False)
+    data = _load(out)
+    assert sorted(r["preset"] for r in data["results"]) == ["tiny", "tiny-full", "tiny-hf"]
+    assert all(r["status"] == "ok" for r in data["results"])
+    assert data["parallel"]["presets"] == [["tiny", "tiny-hf"], ["tiny-full"]] and data["command"] == opts.command
+    assert set(data["presets"]) == {"tiny", "tiny-full", "tiny-hf"} and len(lines) == 2
+    assert (out / "results.md").is_file() and (out / "ttft.png").is_file() and "tiny-full" in summary["markdown"]
+    assert (out / "parts" / "part0.log").read_text() and (out / "parts" / "part1" / "results.json").is_file()
+    with pytest.raises(ValueError, match="must be >= 2"):
+        run_bench_parallel(opts, 1, gpus=False)
+    with pytest.raises(ValueError, match="needs --device cuda"):
+        run_bench_parallel(opts, 2)  # CPU workers pinned to GPUs: refused
+
+
+def test_bench_gpus_flag_needs_the_gpus(tmp_path, capsys):
+    assert main([*ARGS, "--presets", "tiny", "tiny-full", "--gpus", "2", "--out", str(tmp_path / "g")]) == 2
+    assert "needs --device cuda" in capsys.readouterr().err
+    assert main(["bench", "--presets", "tiny", "tiny-full", "--gpus", "2", "--out", str(tmp_path / "h")]) == 2
+    assert "CUDA GPU" in capsys.readouterr().err

@@ -21,8 +21,9 @@ PA=sdpa
 L1=$RES/test_prefill_attention_gpu.log
 [ -f $L1 ] && grep -q 'split.* PASSED' $L1 && ! grep -Eq 'split.* (FAILED|ERROR)' $L1 && PA=split
 export PA
-setsid nohup bash -c 'export CUDA_VISIBLE_DEVICES=0
-  python3 -m hybridize bench --presets ${BENCH_PRESETS:-qwen3-8b hypenet-8b sala-8b} --lengths ${BENCH_LENGTHS:-32768 131072 262144} \
+# BENCH_GPUS=2: the presets spread over both GPUs (hybridize bench --gpus 2; then GPU 1's re-tests share GPU 1)
+setsid nohup bash -c '[ "${BENCH_GPUS:-1}" -gt 1 ] || export CUDA_VISIBLE_DEVICES=0
+  python3 -m hybridize bench --gpus ${BENCH_GPUS:-1} --presets ${BENCH_PRESETS:-qwen3-8b hypenet-8b sala-8b} --lengths ${BENCH_LENGTHS:-32768 131072 262144} \
     --prefill-attention $PA --time-budget 300 --total-budget $(( STOP - $(date +%s) - 20 )) --profile --fresh \
     --commit $HYBRIDIZE_GIT_COMMIT --out $RES/bench > $RES/bench.log 2>&1
   echo "bench rc $?" >> $RES/bench.log

@@ -248,7 +248,7 @@ def _tune_hype(args) -> int:
 
 
 def _bench(args) -> int:
-    from .bench import BenchOptions, command_line, run_bench
+    from .bench import BenchOptions, command_line, run_bench, run_bench_parallel
 
     opts = _options_from(
         BenchOptions,
@@ -260,7 +260,7 @@ def _bench(args) -> int:
         command=command_line(getattr(args, "argv", None)),
         warmup=not args.no_warmup,
     )
-    summary = run_bench(opts)
+    summary = run_bench_parallel(opts, args.gpus) if args.gpus > 1 else run_bench(opts)
     print()
     print(summary["markdown"])
     print("wrote " + ", ".join(summary["files"]))
@@ -404,6 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--fresh", action="store_true", help="start a new results.json instead of merging with the one in --out")
     b.add_argument("--commit", default=None, help="git commit to record when the tree has no .git (or set HYBRIDIZE_GIT_COMMIT)")
     b.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompts")
+    b.add_argument("--gpus", type=_positive_int, default=1,
+                   help="spread the presets over this many GPUs of the host, one process each, merged into one "
+                        "results.json (each preset measured whole on one GPU; budgets apply per process)")
     b.set_defaults(func=_bench)
     return p
 

@@ -5,7 +5,7 @@ of every number, and :mod:`hybridize.bench.presets` for the model shapes.
 """
 
 from .presets import PRESETS, Preset, build_model, preset_names
-from .runner import DEFAULT_LENGTHS, DEFAULT_OUT, BenchOptions, command_line, run_bench
+from .runner import DEFAULT_LENGTHS, DEFAULT_OUT, BenchOptions, command_line, run_bench, run_bench_parallel
 
 __all__ = [
     "PRESETS",
@@ -14,6 +14,7 @@ __all__ = [
     "preset_names",
     "BenchOptions",
     "run_bench",
+    "run_bench_parallel",
     "command_line",
     "DEFAULT_LENGTHS",
     "DEFAULT_OUT",

@@ -403,3 +403,86 @@ def command_line(argv: list[str] | None) -> str:
     """The exact ``hybridize ...`` command line (shell-quoted) for the record."""
     argv = list(sys.argv[1:] if argv is None else argv)
     return " ".join(shlex.quote(a) for a in ["hybridize", *argv])
+
+
+def _part_worker(opts: BenchOptions, gpu: int | None, log_path: str) -> None:
+    """One process of :func:`run_bench_parallel`: this GPU only, its presets, its own ``out``; output to a log."""
+    import os
+
+    if gpu is not None:  # before anything initialises CUDA in this fresh (spawned) process
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
+    with open(log_path, "w", buffering=1) as fh:
+        run_bench(opts, log=lambda line: print(line, file=fh, flush=True))
+
+
+def run_bench_parallel(opts: BenchOptions, processes: int, log=_print, *, gpus: bool = True) -> dict:
+    """:func:`run_bench` with the presets dealt over ``processes`` GPUs of this host, one process per GPU (each
+    sees only its GPU through ``CUDA_VISIBLE_DEVICES``), merged into one ``out/results.json`` with its table
+    and plots, as one run. Each preset is measured whole on one GPU (its rows are comparable within the preset,
+    and across presets on identical GPUs); the budgets apply per process. Per-process results and logs stay in
+    ``out/parts/``.
+
+    Args:
+        opts: as for :func:`run_bench`.
+        processes: worker processes (>= 2; at most the presets' count is used).
+        log: called with one line per finished process and the summary.
+        gpus: pin each process to one GPU (False: CPU workers, for tests).
+
+    Returns:
+        As :func:`run_bench`.
+
+    Raises:
+        ValueError: fewer GPUs than ``processes``, ``processes < 2``, bad options (checked before any process
+            starts, as :func:`run_bench` does), or a process that failed (its log is named).
+    """
+    import multiprocessing
+
+    if processes < 2:
+        raise ValueError(f"--gpus must be >= 2 to spread presets over GPUs, got {processes}")
+    if gpus and opts.device == "cpu":
+        raise ValueError("--gpus spreads presets over GPUs: it needs --device cuda (or no --device on a GPU host)")
+    _validate(opts)
+    if gpus and torch.cuda.device_count() < processes:
+        raise ValueError(f"--gpus {processes}: this host has {torch.cuda.device_count()} CUDA GPU(s); ask for at most that")
+    presets = list(dict.fromkeys(opts.presets))
+    groups = [g for g in (presets[i::processes] for i in range(processes)) if g]
+    out_dir = Path(opts.out)
+    previous = load_results(out_dir) if opts.merge else None
+    parts_dir = out_dir / "parts"
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    ctx = multiprocessing.get_context("spawn")
+    jobs = []
+    for i, group in enumerate(groups):
+        part = replace(opts, presets=group, out=str(parts_dir / f"part{i}"), merge=False)
+        proc = ctx.Process(target=_part_worker, args=(part, i if gpus else None, str(parts_dir / f"part{i}.log")))
+        proc.start()
+        jobs.append((i, group, proc))
+    failed = []
+    for i, group, proc in jobs:
+        proc.join()
+        log(f"bench: part {i} ({' '.join(group)}) exit {proc.exitcode}; log {parts_dir / f'part{i}.log'}")
+        if proc.exitcode != 0:
+            failed.append(f"part {i} ({' '.join(group)}): exit {proc.exitcode}, see {parts_dir / f'part{i}.log'}")
+    parts = [load_results(parts_dir / f"part{i}") for i, _, _ in jobs]
+    if failed or any(p is None for p in parts):
+        raise ValueError("bench: a process failed, nothing merged: " + "; ".join(failed or ["a part wrote no results"]))
+    first = parts[0]
+    if any((p["device"], p["dtype"]) != (first["device"], first["dtype"]) for p in parts):
+        raise ValueError("bench: the processes measured different devices or dtypes: " +
+                         ", ".join(f"{p['device']} {p['dtype']}" for p in parts))
+    if previous and (previous.get("device"), previous.get("dtype")) != (first["device"], first["dtype"]):
+        raise ValueError(f"{out_dir}/results.json holds results of {previous.get('device')} {previous.get('dtype')}, "
+                         f"this run measured {first['device']} {first['dtype']}: choose another --out, or pass --fresh")
+    data = {k: v for k, v in first.items() if k not in ("results", "runs", "presets", "copy_bandwidth", "finished")}
+    data["command"] = opts.command
+    data["parallel"] = {"processes": len(parts), "presets": [g for _, g, _ in jobs],
+                        "copy_bandwidth_bytes_per_s": [p["copy_bandwidth"]["bytes_per_s"] for p in parts]}
+    data["copy_bandwidth"] = min((p["copy_bandwidth"] for p in parts), key=lambda c: c["bytes_per_s"])
+    data["presets"] = {**(previous or {}).get("presets", {}), **{k: v for p in parts for k, v in p["presets"].items()}}
+    data["results"] = merge_rows((previous or {}).get("results", []), [r for p in parts for r in p["results"]])
+    data["runs"] = list((previous or {}).get("runs", [])) + [
+        {"command": opts.command, "parallel_parts": [run for p in parts for run in p.get("runs", [])]}]
+    data["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    write_results(out_dir, data)
+    files = [out_dir / "results.json", write_markdown(out_dir, data), *write_plots(out_dir, data)]
+    return {**data, "files": [str(f) for f in files], "markdown": (out_dir / "results.md").read_text()}
