@@ -59,7 +59,7 @@ def _stage_figures(run_dir: Path) -> dict:
             continue
         m = json.loads(path.read_text())
         out[stage] = {k: m.get(k) for k in ("final_loss", "tokens_seen", "tokens_per_s", "steady_tokens_per_s", "mfu",
-                                            "flops_per_token", "world_size", "loss_curve")}
+                                            "flops_per_token", "world_size", "loss_curve", "grad_norm_curve")}
     return out
 
 
@@ -80,6 +80,9 @@ def _compare(one: dict, many: dict) -> dict:
             "final_loss_rel_diff": abs(a["final_loss"] - b["final_loss"]) / max(abs(a["final_loss"]), 1e-12),
             "max_step_rel_diff": max(rel) if rel else None,
             "mean_step_rel_diff": sum(rel) / len(rel) if rel else None,
+            # gradient norms before clipping, per step: a gradient-sync fault shows here from step 1 on
+            "grad_norm_rel_diff": [abs(x - y) / max(abs(x), 1e-12) for x, y in
+                                   zip(a.get("grad_norm_curve") or [], b.get("grad_norm_curve") or [])][:10] or None,
             "speedup": (b["steady_tokens_per_s"] / a["steady_tokens_per_s"])
             if a.get("steady_tokens_per_s") and b.get("steady_tokens_per_s") else None,
         }
@@ -168,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         if c:
             print(f"{stage}: final loss {c['final_loss_1']:.5f} (1 GPU) vs {c['final_loss_n']:.5f} ({args.gpus} GPUs), "
                   f"rel diff {c['final_loss_rel_diff']:.2e}, max step rel diff {c['max_step_rel_diff']:.2e}, "
-                  f"speedup {c['speedup'] if c['speedup'] is None else round(c['speedup'], 3)}")
+                  f"speedup {c['speedup'] if c['speedup'] is None else round(c['speedup'], 3)}, "
+                  f"grad-norm rel diff of the first steps {[f'{x:.1e}' for x in (c['grad_norm_rel_diff'] or [])[:5]]}")
     return 1 if failed else 0
 
 

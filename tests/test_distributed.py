@@ -36,6 +36,8 @@ def test_fsdp2_two_processes_match_one(tiny_teacher_dir, data_file, tmp_path):  
         b = json.loads((sharded / stage / "manifest.json").read_text())
         assert a["tokens_seen"] == b["tokens_seen"]
         assert b["loss_curve"] == pytest.approx(a["loss_curve"], rel=1e-4, abs=1e-6), stage
+        assert len(a["grad_norm_curve"]) == len(a["loss_curve"]) and min(a["grad_norm_curve"]) > 0
+        assert b["grad_norm_curve"] == pytest.approx(a["grad_norm_curve"], rel=1e-4), stage  # the global norm
     wa = load_file(str(single / "stage2" / "model" / "model.safetensors"))
     wb = load_file(str(sharded / "stage2" / "model" / "model.safetensors"))
     assert wa.keys() == wb.keys()

@@ -5,14 +5,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ..errors import BudgetError
-from .distributed import all_reduce_mean, context, load_full_
+from .distributed import all_reduce_mean, context, full_tensor, load_full_
 from .flops import mfu
 from .stage import StageDir, cosine_lr, make_optimizer
 
@@ -58,6 +58,8 @@ class TrainResult:
             the CPU, on unknown GPUs, or when no FLOPs count was given.
         flops_per_token: the model FLOPs per trained token used for ``mfu``.
         world_size: processes that shared each global batch.
+        grad_norms: the global gradient norm of each step before clipping (empty without clipping); a
+            1-GPU and an N-GPU run of the same settings must agree here from the first step on.
     """
 
     steps: int
@@ -69,6 +71,7 @@ class TrainResult:
     mfu: float | None = None
     flops_per_token: float | None = None
     world_size: int = 1
+    grad_norms: list[float] = field(default_factory=list)
 
     def metrics(self) -> dict:
         """The throughput figures for a stage manifest."""
@@ -78,6 +81,7 @@ class TrainResult:
             "mfu": self.mfu,
             "flops_per_token": self.flops_per_token,
             "world_size": self.world_size,
+            "grad_norm_curve": self.grad_norms,
         }
 
 
@@ -156,13 +160,13 @@ def train(
         )
     optimizer = make_optimizer(list(params.values()), settings.lr)
     warmup = min(settings.warmup, max(1, steps // 10))
-    start_step, losses = 0, []
+    start_step, losses, grad_norms = 0, [], []
     resumed = stage.load_checkpoint(optimizer)
     if resumed is not None:
         weights, meta = resumed
         for name, p in params.items():
             load_full_(p, weights[name])
-        start_step, losses = meta["step"], meta["losses"]
+        start_step, losses, grad_norms = meta["step"], meta["losses"], meta.get("grad_norms", [])
         log.info("%s: resuming from checkpoint at step %d/%d", stage.name, start_step, steps)
     g = torch.Generator().manual_seed(seed)
     order = torch.cat([torch.randperm(data.shape[0], generator=g) for _ in range(1 + steps * settings.batch_size // data.shape[0])])
@@ -183,7 +187,8 @@ def train(
             if not getattr(loss_fn, "did_backward", False):
                 loss.backward()
             if settings.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(list(params.values()), settings.grad_clip)
+                norm = torch.nn.utils.clip_grad_norm_(list(params.values()), settings.grad_clip)
+                grad_norms.append(float(full_tensor(norm)))  # whole-model norm (a DTensor when sharded)
             optimizer.step()
             value = float(all_reduce_mean(loss.detach()))
             if value != value:  # NaN
@@ -199,7 +204,7 @@ def train(
                 log.info("%s step %d/%d loss %.5f lr %.2e %.0f tok/s%s", stage.name, step + 1, steps, value, lr, tps,
                          f" MFU {100 * util:.1f}%" if util is not None else "")
             if (step + 1) % settings.checkpoint_every == 0 and step + 1 < steps:
-                stage.save_checkpoint(dict(params), optimizer, {"step": step + 1, "losses": losses})
+                stage.save_checkpoint(dict(params), optimizer, {"step": step + 1, "losses": losses, "grad_norms": grad_norms})
     bar.close()
     elapsed = max(1e-9, time.time() - t0)
     tail = losses[-max(1, min(10, len(losses) // 5)) :]
@@ -214,6 +219,7 @@ def train(
         mfu=mfu(flops_per_token, steady, ctx.device, ctx.world_size) if steady else None,
         flops_per_token=flops_per_token,
         world_size=ctx.world_size,
+        grad_norms=grad_norms,
     )
 
 
