@@ -264,11 +264,7 @@ def _run_bench(opts: BenchOptions, log) -> dict:
     started = time.time()
     data = _environment(device, dtype, opts)
     previous = load_results(out_dir) if opts.merge else None
-    if previous and (previous.get("device"), previous.get("dtype")) != (data["device"], data["dtype"]):
-        raise ValueError(
-            f"{out_dir}/results.json holds results of {previous.get('device')} {previous.get('dtype')}, this run "
-            f"measures {data['device']} {data['dtype']}: runs merge only on the same device and dtype; choose "
-            f"another --out, or pass --fresh to replace that file")
+    _check_mergeable(out_dir, previous, data)
     data["copy_bandwidth"] = measure.copy_bandwidth(device)
     bw = data["copy_bandwidth"]["bytes_per_s"]
     log(f"bench: {data['device']}, copy bandwidth {bw / 1e9:.0f} GB/s (read + write)")
@@ -366,6 +362,20 @@ def _run_bench(opts: BenchOptions, log) -> dict:
         _free(device)
     data["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     save()
+    return _report(out_dir, data)
+
+
+def _check_mergeable(out_dir: Path, previous: dict | None, data: dict) -> None:
+    """Raise ValueError when ``out_dir`` holds results of another device or dtype than ``data``'s."""
+    if previous and (previous.get("device"), previous.get("dtype")) != (data["device"], data["dtype"]):
+        raise ValueError(
+            f"{out_dir}/results.json holds results of {previous.get('device')} {previous.get('dtype')}, this run "
+            f"measures {data['device']} {data['dtype']}: runs merge only on the same device and dtype; choose "
+            f"another --out, or pass --fresh to replace that file")
+
+
+def _report(out_dir: Path, data: dict) -> dict:
+    """The table and plots of the results already in ``out_dir/results.json``; :func:`run_bench`'s return."""
     files = [out_dir / "results.json", write_markdown(out_dir, data), *write_plots(out_dir, data)]
     return {**data, "files": [str(f) for f in files], "markdown": (out_dir / "results.md").read_text()}
 
@@ -470,9 +480,7 @@ def run_bench_parallel(opts: BenchOptions, processes: int, log=_print, *, gpus: 
     if any((p["device"], p["dtype"]) != (first["device"], first["dtype"]) for p in parts):
         raise ValueError("bench: the processes measured different devices or dtypes: " +
                          ", ".join(f"{p['device']} {p['dtype']}" for p in parts))
-    if previous and (previous.get("device"), previous.get("dtype")) != (first["device"], first["dtype"]):
-        raise ValueError(f"{out_dir}/results.json holds results of {previous.get('device')} {previous.get('dtype')}, "
-                         f"this run measured {first['device']} {first['dtype']}: choose another --out, or pass --fresh")
+    _check_mergeable(out_dir, previous, first)
     data = {k: v for k, v in first.items() if k not in ("results", "runs", "presets", "copy_bandwidth", "finished")}
     data["command"] = opts.command
     data["parallel"] = {"processes": len(parts), "presets": [g for _, g, _ in jobs],
@@ -484,5 +492,4 @@ def run_bench_parallel(opts: BenchOptions, processes: int, log=_print, *, gpus: 
         {"command": opts.command, "parallel_parts": [run for p in parts for run in p.get("runs", [])]}]
     data["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     write_results(out_dir, data)
-    files = [out_dir / "results.json", write_markdown(out_dir, data), *write_plots(out_dir, data)]
-    return {**data, "files": [str(f) for f in files], "markdown": (out_dir / "results.md").read_text()}
+    return _report(out_dir, data)

@@ -74,6 +74,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 
@@ -995,9 +996,9 @@ def nsa_supported(heads: int, kv_heads: int, head_dim: int) -> str | None:
         return f"NSA kernels need a query group (heads / kv_heads) that is a power of two >= 16, got {g}"
     if head_dim > 256:
         return f"NSA kernels take head_dim <= 256, got {head_dim}"
-    from .backend import fla_available
+    from . import backend  # looked up on each call (tests replace it)
 
-    if not fla_available():
+    if not backend.fla_available():
         return "fla (flash-linear-attention) is not installed"
     return None
 
@@ -1106,8 +1107,6 @@ SPARSE_PREFILL_CHOICES = ("auto", "nsa", "flex", "reference")
 
 def sparse_prefill_choice() -> str:
     """``$HYBRIDIZE_SPARSE_PREFILL`` (default ``auto``); raises ValueError naming the choices for another value."""
-    import os
-
     value = os.environ.get(SPARSE_PREFILL_ENV, "").strip().lower() or "auto"
     if value not in SPARSE_PREFILL_CHOICES:
         raise ValueError(f"{SPARSE_PREFILL_ENV}={value!r}: choose one of {SPARSE_PREFILL_CHOICES}")
@@ -1168,6 +1167,7 @@ def flex_mask_variant(
 
 
 _flex_broken: str | None = None
+_logged: set[str] = set()
 #: Kernels :func:`sparse_attention` ran for CUDA prefills in this process ("nsa", "flex-<layout>",
 #: "reference"), in first-use order: the bench records them per row.
 prefill_kernels_used: list[str] = []
@@ -1176,7 +1176,7 @@ prefill_kernels_used: list[str] = []
 def _used(kernel: str) -> None:
     if kernel not in prefill_kernels_used:
         prefill_kernels_used.append(kernel)
-_logged: set[str] = set()
+
 
 
 def _log_once(key: str, level: int, message: str, *args) -> None:
@@ -1252,26 +1252,22 @@ def sparse_attention(
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     choice = sparse_prefill_choice()
     fast = q.device.type == "cuda" and not grad and not reference_forced() and choice != "reference"
-    if fast and choice in ("auto", "nsa"):
-        if nsa_mismatch(q.device, q.dtype, q.shape[1], k.shape[1], q.shape[3], cfg) is None:
-            _log_once("nsa", logging.INFO, "hybridize: sparse attention prefill on CUDA: fla NSA kernel")
-            _used("nsa")
-            return sparse_attention_nsa(q, k, v, indices, cfg.block_size, scale=scale)
-        if choice == "nsa":
-            _used("reference")
-            return sparse_attention_ref(q, k, v, cfg, scale=scale, indices=indices)
-    if fast and _flex_broken is None:
+    shape = (q.device, q.dtype, q.shape[1], k.shape[1], q.shape[3], cfg)
+    if fast and choice in ("auto", "nsa") and nsa_mismatch(*shape) is None:
+        _log_once("nsa", logging.INFO, "hybridize: sparse attention prefill on CUDA: fla NSA kernel")
+        _used("nsa")
+        return sparse_attention_nsa(q, k, v, indices, cfg.block_size, scale=scale)
+    if fast and choice in ("auto", "flex") and _flex_broken is None:
         try:
-            variant = flex_mask_variant(q.device, q.dtype, q.shape[1], k.shape[1], q.shape[3], cfg)
-            if variant is None:
-                _log_once("flex-wrong", logging.WARNING, "hybridize: FlexAttention gives wrong results here (no "
-                          "BlockMask layout passed the check); sparse attention prefill uses the reference")
-                _used("reference")
-                return sparse_attention_ref(q, k, v, cfg, scale=scale, indices=indices)
-            out = _flex_in_query_chunks(q, k, v, indices, cfg.block_size, scale, variant)
-            _used(f"flex-{variant}")
-            _log_once("flex", logging.INFO, "hybridize: sparse attention prefill on CUDA: FlexAttention (%s BlockMask)", variant)
-            return out
+            variant = flex_mask_variant(*shape)
+            if variant is not None:
+                out = _flex_in_query_chunks(q, k, v, indices, cfg.block_size, scale, variant)
+                _used(f"flex-{variant}")
+                _log_once("flex", logging.INFO, "hybridize: sparse attention prefill on CUDA: FlexAttention (%s "
+                          "BlockMask)", variant)
+                return out
+            _log_once("flex-wrong", logging.WARNING, "hybridize: FlexAttention gives wrong results here (no "
+                      "BlockMask layout passed the check); sparse attention prefill uses the reference")
         except Exception as exc:  # a broken triton/inductor must not break the model
             _flex_broken = f"{type(exc).__name__}: {exc}"
             _log_once(
