@@ -11,6 +11,13 @@ MFU. Results: JSON (GPU name, torch version, git commit, the exact commands) and
         --data train.jsonl --layer-types ALLLALLL... --seq-len 512 --stage1-tokens 655360 --stage1-batch 64 \
         --stage2-tokens 2621440 --stage2-batch 128 --no-eval --device cuda
 
+With ``--accum-check`` a third run, one process with ``--grad-accum N``, computes exactly the N processes' micro-
+batches one after the other on one GPU (same rows, same forward shapes; only the gradient sum differs in order):
+when the N-GPU losses differ from the 1-GPU ones, this run tells "the trajectory is that sensitive to a
+different (equally correct) batch split" (it then agrees with the N-GPU run) from "sharding/communication is
+wrong" (it then agrees with the 1-GPU run). ``comparison`` holds ``stage -> figures`` for 1 vs N GPUs and, with
+the check, ``accum`` (1 GPU vs 1 GPU accumulating) and ``accum_vs_n`` (1 GPU accumulating vs N GPUs).
+
 NVLink multicast stays off: the NCCL_NVLS_ENABLE / TORCH_SYMM_MEM_DISABLE_MULTICAST / NVSHMEM_DISABLE_NVLS
 variables of the environment are passed on unchanged (set to their off values when unset).
 """
@@ -64,6 +71,8 @@ def _stage_figures(run_dir: Path) -> dict:
 
 
 def _compare(one: dict, many: dict) -> dict:
+    """Per stage: final losses, step-by-step relative loss differences, first gradient-norm differences and the
+    throughput ratio ``many / one`` (None for a stage either run lacks)."""
     cmp = {}
     for stage in STAGES:
         a, b = one.get(stage), many.get(stage)
@@ -73,6 +82,7 @@ def _compare(one: dict, many: dict) -> dict:
         la, lb = a["loss_curve"], b["loss_curve"]
         n = min(len(la), len(lb))
         rel = [abs(x - y) / max(abs(x), 1e-12) for x, y in zip(la[:n], lb[:n])]
+        grad = [abs(x - y) / max(abs(x), 1e-12) for x, y in zip(a.get("grad_norm_curve") or [], b.get("grad_norm_curve") or [])]
         cmp[stage] = {
             "steps_compared": n,
             "final_loss_1": a["final_loss"],
@@ -80,16 +90,17 @@ def _compare(one: dict, many: dict) -> dict:
             "final_loss_rel_diff": abs(a["final_loss"] - b["final_loss"]) / max(abs(a["final_loss"]), 1e-12),
             "max_step_rel_diff": max(rel) if rel else None,
             "mean_step_rel_diff": sum(rel) / len(rel) if rel else None,
+            "step_rel_diff": rel,
             # gradient norms before clipping, per step: a gradient-sync fault shows here from step 1 on
-            "grad_norm_rel_diff": [abs(x - y) / max(abs(x), 1e-12) for x, y in
-                                   zip(a.get("grad_norm_curve") or [], b.get("grad_norm_curve") or [])][:10] or None,
+            "grad_norm_rel_diff": grad[:10] or None,
+            "grad_norm_rel_diff_all": grad or None,
             "speedup": (b["steady_tokens_per_s"] / a["steady_tokens_per_s"])
             if a.get("steady_tokens_per_s") and b.get("steady_tokens_per_s") else None,
         }
     return cmp
 
 
-def _plot(one: dict, many: dict, n: int, path: Path) -> None:
+def _plot(figs: dict[str, dict], labels: dict[str, str], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -97,9 +108,9 @@ def _plot(one: dict, many: dict, n: int, path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(STAGES), figsize=(10, 3.6))
     for ax, stage in zip(axes, STAGES):
-        for figs, label in ((one, "1 GPU"), (many, f"{n} GPUs (FSDP2)")):
-            if figs.get(stage):
-                ax.plot(figs[stage]["loss_curve"], label=label, lw=1)
+        for key, f in figs.items():
+            if f.get(stage):
+                ax.plot(f[stage]["loss_curve"], label=labels[key], lw=1)
         ax.set_title(stage)
         ax.set_xlabel("step")
         ax.set_ylabel("loss")
@@ -116,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/fsdp2_h200x2"))
     p.add_argument("--runs", type=Path, default=None, help="where the two run directories go (default: <out>/runs)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per run")
+    p.add_argument("--accum-check", action="store_true",
+                   help="also run 1 process with --grad-accum <gpus> (the N-GPU run's micro-batches on one GPU)")
     p.add_argument("--commit", default=os.environ.get("HYBRIDIZE_GIT_COMMIT"), help="git commit to record")
     p.add_argument("convert_args", nargs=argparse.REMAINDER, help="after --: the `hybridize convert` flags (no --out)")
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -130,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("give no --out among the convert flags: the script chooses one run directory per process count")
     if args.gpus < 2:
         p.error("--gpus must be >= 2 (the 1-GPU run is always made)")
+    if args.accum_check and any(a == "--grad-accum" or a.startswith("--grad-accum=") for a in convert_args):
+        p.error("--accum-check sets --grad-accum itself: leave it out of the convert flags")
     if torch.cuda.is_available() and torch.cuda.device_count() < args.gpus:
         p.error(f"--gpus {args.gpus} but this machine has {torch.cuda.device_count()} GPUs")
     for path in (args.out, args.runs):
@@ -152,23 +167,36 @@ def main(argv: list[str] | None = None) -> int:
         "multicast_env": {k: os.environ.get(k) for k in _OFF},
         "runs": {},
     }
+    plan = [("1gpu", 1, []), (f"{args.gpus}gpu", args.gpus, [])]
+    if args.accum_check:
+        plan.insert(1, (f"1gpu_accum{args.gpus}", 1, ["--grad-accum", str(args.gpus)]))
     figs = {}
-    for nproc in (1, args.gpus):
-        key = f"{nproc}gpu"
+    for key, nproc, extra in plan:
         print(f"[fsdp_scaling] {key}: starting", flush=True)
-        result["runs"][key] = _launch(nproc, convert_args, runs / key, args.out / f"{key}.log", args.timeout)
+        result["runs"][key] = _launch(nproc, [*convert_args, *extra], runs / key, args.out / f"{key}.log", args.timeout)
         figs[key] = _stage_figures(runs / key)
         result["runs"][key]["stages"] = figs[key]
         print(f"[fsdp_scaling] {key}: rc {result['runs'][key]['returncode']} in {result['runs'][key]['wall_s']} s", flush=True)
-    result["comparison"] = _compare(figs["1gpu"], figs[f"{args.gpus}gpu"])
+    many = f"{args.gpus}gpu"
+    result["comparison"] = _compare(figs["1gpu"], figs[many])
+    if args.accum_check:
+        acc = f"1gpu_accum{args.gpus}"
+        result["comparison_accum"] = {"1gpu_vs_accum": _compare(figs["1gpu"], figs[acc]),
+                                      "accum_vs_ngpu": _compare(figs[acc], figs[many])}
     (args.out / "results.json").write_text(json.dumps(result, indent=1))
-    _plot(figs["1gpu"], figs[f"{args.gpus}gpu"], args.gpus, args.out / "loss_curves.png")
+    labels = {"1gpu": "1 GPU", many: f"{args.gpus} GPUs (FSDP2)", f"1gpu_accum{args.gpus}": f"1 GPU, {args.gpus} micro-batches"}
+    _plot(figs, labels, args.out / "loss_curves.png")
     failed = [k for k, r in result["runs"].items() if r["returncode"] != 0]
     for key in failed:
         print(f"[fsdp_scaling] the {key} run failed (exit {result['runs'][key]['returncode']}): see {args.out / result['runs'][key]['log']}",
               file=sys.stderr)
     for stage, c in result["comparison"].items():
         if c:
+            if args.accum_check:
+                for name, cc in result["comparison_accum"].items():
+                    if cc.get(stage):
+                        print(f"{stage} {name}: final loss rel diff {cc[stage]['final_loss_rel_diff']:.2e}, "
+                              f"max step rel diff {cc[stage]['max_step_rel_diff']:.2e}")
             print(f"{stage}: final loss {c['final_loss_1']:.5f} (1 GPU) vs {c['final_loss_n']:.5f} ({args.gpus} GPUs), "
                   f"rel diff {c['final_loss_rel_diff']:.2e}, max step rel diff {c['max_step_rel_diff']:.2e}, "
                   f"speedup {c['speedup'] if c['speedup'] is None else round(c['speedup'], 3)}, "

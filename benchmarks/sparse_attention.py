@@ -20,7 +20,11 @@ candidate separately and in the same run:
   - ``nsa``: fla's NSA selected-block kernel on the same selection (:func:`~hybridize.ops.sparse_attention.
     sparse_attention_nsa`; run only where it equals the reference, ``nsa`` in the JSON says why not);
   - ``sparse_total`` = best selection + the faster of flex (with its mask) and nsa (``attention_kernel``),
-    and the selection's share of it.
+    and the selection's share of it;
+  - ``model_chunked_first`` / ``model_chunked``: what one sparse layer costs inside the model's chunked
+    prefill: :func:`~hybridize.ops.sparse_attention.sparse_attention` (selection + the kernel the library
+    picks, listed in ``model_chunked_kernels``) on ``--chunk``-query chunks over the growing cache, the first
+    pass at these shapes (compilation included) and a second one.
 
 The scoring path of each selection candidate is pinned (torch or triton), whatever
 :func:`hybridize.ops.sparse_attention.select_block_indices` would pick by itself; a fused kernel that fails
@@ -268,9 +272,9 @@ def bench_length(t: int, cfg: SparseConfig, args, budget: Budget, compiled_score
         row["error"] = "oom allocating q/k/v"
         return row
 
-    def measure(section: str, key: str, fn, exponent: float, warmup: int = 0):
+    def measure(section: str, key: str, fn, exponent: float, warmup: int = 0, repeats: int | None = None):
         bkey = f"{section}/{key}"
-        n = n_repeats(bkey, exponent)
+        n = n_repeats(bkey, exponent) if repeats is None else repeats
         if not budget.allows(bkey, t, exponent, n + warmup):
             row[section][key] = "skipped (time budget)"
             return row[section][key]
@@ -320,6 +324,9 @@ def bench_length(t: int, cfg: SparseConfig, args, budget: Budget, compiled_score
                 row["selection_triton_same_rows"] = (a == b).all(-1).float().mean().item()
             if why_not is not None and isinstance(ms, float):
                 row["prefill"]["selection_triton"] = why_not
+            if why_not is None and "idx" not in holder and "idx_triton" in holder:
+                holder["idx"] = holder["idx_triton"]  # the torch selection was skipped: time the kernels on this one
+                row["kernels_timed_on"] = "selection_triton"
             holder.pop("idx_triton", None)
         else:
             row["prefill"]["selection_triton"] = why_not
@@ -362,6 +369,18 @@ def bench_length(t: int, cfg: SparseConfig, args, budget: Budget, compiled_score
         del idx
         holder.pop("idx", None)
         torch.cuda.empty_cache()
+    if args.chunk:
+        # what the model's chunked prefill runs per sparse layer: the dispatch (selection + the kernel the library
+        # picks) on chunks of --chunk queries over the growing cache; the first pass at these shapes includes
+        # any compilation a first prefill of this length pays, the second does not
+        def chunked():
+            for s in range(0, t, args.chunk):
+                e = min(t, s + args.chunk)
+                sa.sparse_attention(q[:, :, s:e], k[:, :, :e], v[:, :, :e], cfg)
+
+        measure("prefill", "model_chunked_first", chunked, 1.0, repeats=1)
+        measure("prefill", "model_chunked", chunked, 1.0, repeats=1)
+        row["model_chunked_kernels"] = list(sa.prefill_kernels_used)
 
     p = row["prefill"]
     sel = [p[x] for x in ("selection", "selection_compiled", "selection_triton") if isinstance(p.get(x), float)]
@@ -474,6 +493,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-triton-selection", action="store_true", help="skip the fused Triton scoring candidate"
     )
+    parser.add_argument("--chunk", type=int, default=16384,
+                        help="queries per chunk of the model-like chunked prefill measurement (0: skip it)")
     parser.add_argument("--out", default=str(ROOT / "runs" / "sparse_attention.json"),
                         help="results JSON (default runs/sparse_attention.json; the committed H200 figures are "
                              "benchmarks/results/sparse_attention_h200.json)")
@@ -488,6 +509,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--sizes takes comma-separated token counts, e.g. 32768,131072; got {args.sizes!r}")
     if not sizes or min(sizes) < 1:
         parser.error(f"--sizes needs at least one context length >= 1 token, got {args.sizes!r}")
+    if args.chunk < 0:
+        parser.error(f"--chunk must be >= 0 queries (0 skips the chunked measurement), got {args.chunk}")
     if args.repeats < 1:
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
     if not args.time_budget > 0:

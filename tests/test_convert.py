@@ -254,6 +254,55 @@ def test_budget_errors_name_each_stages_flags():
         plan_steps(TrainSettings(10_000, 64, 8, 1e-3, 1e-5), 3, "stage1")
 
 
+def _accum_run(tmp_path, name, grad_accum, did_backward):
+    from hybridize.convert.trainer import TrainSettings, train
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(50, 8), torch.nn.Linear(8, 50))
+    data = torch.randint(0, 50, (24, 6))
+
+    def loss_fn(batch):
+        logits = model(batch[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 50), batch[:, 1:].reshape(-1))
+        if did_backward:
+            loss.backward()
+            return loss.detach()
+        return loss
+
+    loss_fn.did_backward = did_backward
+    settings = TrainSettings(6 * 8 * 5, 6, 8, 1e-2, 1e-3, warmup=1, grad_clip=0.3, grad_accum=grad_accum)
+    result = train(StageDir(tmp_path, name), dict(model.named_parameters()), loss_fn, data, settings)
+    return result, [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("did_backward", [False, True])
+def test_gradient_accumulation_equals_the_whole_batch(tmp_path, did_backward):
+    """--grad-accum K: K micro-batches per step give the whole batch's losses, gradient norms (clipping
+    included) and weights, for loss functions that return the loss and for those that call backward."""
+    whole, w1 = _accum_run(tmp_path, "one", 1, did_backward)
+    for k in (2, 4):
+        acc, wk = _accum_run(tmp_path, f"acc{k}", k, did_backward)
+        assert acc.losses == pytest.approx(whole.losses, rel=1e-5)
+        assert acc.grad_norms == pytest.approx(whole.grad_norms, rel=1e-5) and max(whole.grad_norms) > 0.3  # clipped
+        for a, b in zip(w1, wk):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_grad_accum_that_does_not_split_the_batch_is_named(capsys, tmp_path, tiny_teacher_dir, data_file):
+    from hybridize.convert.trainer import TrainSettings, check_batch_split
+    from hybridize.errors import BudgetError
+
+    with pytest.raises(BudgetError, match="--stage2-batch to a multiple of 6"):
+        check_batch_split(TrainSettings(1, 2, 8, 1.0, 1.0, grad_accum=3), 2, "stage2")
+    code, err = _run_cli(capsys, "convert", "--teacher", str(tiny_teacher_dir), "--data", str(data_file),
+                         "--out", str(tmp_path / "run"), "--stage1-batch", "6", "--grad-accum", "4")
+    assert code == 2 and "--grad-accum 4" in err and "--stage1-batch" in err
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(SystemExit) as exc:
+        main(["convert", "--data", str(data_file), "--grad-accum", "0"])
+    assert exc.value.code == 2 and "--grad-accum: must be a positive integer" in capsys.readouterr().err
+
+
 def test_cli_data_smaller_than_one_batch(capsys, tmp_path, tiny_teacher_dir):
     small = tmp_path / "small.txt"
     small.write_text("the river city king music.")

@@ -23,26 +23,37 @@ def _run(cmd, env=None):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
+def _torchrun(*args, port):
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port), *args]
+
+
 @pytest.mark.slow
 def test_fsdp2_two_processes_match_one(tiny_teacher_dir, data_file, tmp_path):  # noqa: F811
-    single, sharded = tmp_path / "single", tmp_path / "sharded"
+    """1 process, 2 FSDP2 processes, 1 process with 2 accumulated micro-batches and 2 processes with 2 each
+    (FSDP2 gradient reduction only after the last one): the same losses, gradient norms and weights."""
+    single = tmp_path / "single"
     _run([sys.executable, str(WORKER), str(tiny_teacher_dir), str(data_file), str(single)])
-    _run([
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-        str(WORKER), str(tiny_teacher_dir), str(data_file), str(sharded),
-    ])
-    for stage in ("stage1", "stage2"):
-        a = json.loads((single / stage / "manifest.json").read_text())
-        b = json.loads((sharded / stage / "manifest.json").read_text())
-        assert a["tokens_seen"] == b["tokens_seen"]
-        assert b["loss_curve"] == pytest.approx(a["loss_curve"], rel=1e-4, abs=1e-6), stage
-        assert len(a["grad_norm_curve"]) == len(a["loss_curve"]) and min(a["grad_norm_curve"]) > 0
-        assert b["grad_norm_curve"] == pytest.approx(a["grad_norm_curve"], rel=1e-4), stage  # the global norm
+    others = {
+        "sharded": _torchrun(str(WORKER), str(tiny_teacher_dir), str(data_file), str(tmp_path / "sharded"), port=29517),
+        "accum": [sys.executable, str(WORKER), str(tiny_teacher_dir), str(data_file), str(tmp_path / "accum"), "2"],
+        "sharded_accum": _torchrun(str(WORKER), str(tiny_teacher_dir), str(data_file), str(tmp_path / "sharded_accum"), "2",
+                                   port=29518),
+    }
     wa = load_file(str(single / "stage2" / "model" / "model.safetensors"))
-    wb = load_file(str(sharded / "stage2" / "model" / "model.safetensors"))
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5, msg=k)
+    for name, cmd in others.items():
+        _run(cmd)
+        other = tmp_path / name
+        for stage in ("stage1", "stage2"):
+            a = json.loads((single / stage / "manifest.json").read_text())
+            b = json.loads((other / stage / "manifest.json").read_text())
+            assert a["tokens_seen"] == b["tokens_seen"]
+            assert b["loss_curve"] == pytest.approx(a["loss_curve"], rel=1e-4, abs=1e-6), (name, stage)
+            assert len(a["grad_norm_curve"]) == len(a["loss_curve"]) and min(a["grad_norm_curve"]) > 0
+            assert b["grad_norm_curve"] == pytest.approx(a["grad_norm_curve"], rel=1e-4), (name, stage)  # global norm
+        wb = load_file(str(other / "stage2" / "model" / "model.safetensors"))
+        assert wa.keys() == wb.keys()
+        for k in wa:
+            torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5, msg=f"{name} {k}")
 
 
 def test_fsdp_scaling_script_refuses_bad_arguments(tmp_path):
@@ -59,6 +70,7 @@ def test_fsdp_scaling_script_refuses_bad_arguments(tmp_path):
                  ["--gpus", "2", "--out", str(tmp_path / "o"), "--"],  # nothing after --
                  ["--gpus", "2", "--out", str(tmp_path / "o"), "--", "--out=/x"],
                  ["--gpus", "1", "--", "--no-eval"],
+                 ["--gpus", "2", "--accum-check", "--out", str(tmp_path / "o"), "--", "--grad-accum", "2"],
                  ["--gpus", "2", "--out", str(afile), "--", "--no-eval"]):
         with pytest.raises(SystemExit) as exc:
             mod.main(argv)

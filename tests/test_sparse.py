@@ -630,3 +630,27 @@ def test_sparse_prefill_choice_from_the_environment(monkeypatch):
     with pytest.raises(ValueError, match="HYBRIDIZE_SPARSE_PREFILL='fast': choose one of"):
         sa.sparse_attention(*_qkv(1, 4, 2, 40, d=16)[:3], SparseConfig(kernel_size=4, kernel_stride=2, block_size=8,
                                                                         window_size=16, topk=2, dense_len=0))
+
+
+@pytest.mark.slow
+def test_sparse_benchmark_script_smoke_on_cpu(tmp_path):
+    """benchmarks/sparse_attention.py runs end to end on CPU (tiny sizes) and records every section, the
+    model-like chunked prefill included; bad flags are refused before anything runs."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "sparse_attention.py"
+    spec = importlib.util.spec_from_file_location("sparse_bench", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "r.json"
+    for bad in (["--chunk", "-1"], ["--sizes", "x"], ["--repeats", "0"]):
+        with pytest.raises(SystemExit):
+            mod.main(["--device", "cpu", "--out", str(out), *bad])
+    assert not out.exists()
+    assert mod.main(["--device", "cpu", "--sizes", "320", "--chunk", "128", "--repeats", "1", "--no-compiled-selection",
+                     "--out", str(out)]) == 0
+    row = json.loads(out.read_text())["results"][0]
+    assert isinstance(row["prefill"]["model_chunked"], float) and isinstance(row["prefill"]["dense_sdpa"], float)
+    assert isinstance(row["decode"]["gather"], float) and "model_chunked_kernels" in row

@@ -301,6 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--lm-eval-limit", type=int, default=None, help="examples per lm-eval task")
     c.add_argument("--recipe", choices=["hypenet", "sala"], default=d.recipe,
                    help="hypenet: kept layers are NoPE+HyPE attention; sala: kept layers are InfLLM-V2 sparse attention, first and last always kept")
+    c.add_argument("--grad-accum", type=_positive_int, default=d.grad_accum,
+                   help="gradient accumulation: micro-batches per optimizer step in each process (each stage's batch per "
+                        "process must split evenly); same result, less activation memory")
     c.add_argument("--checkpoint-every", type=_positive_int, default=d.checkpoint_every,
                    help="optimizer steps between resumable checkpoints")
     c.add_argument("--collapse-threshold", type=float, default=d.collapse_threshold,

@@ -173,7 +173,8 @@ def run_stage1(teacher, train_data: torch.Tensor, run_dir, settings: TrainSettin
         return torch.stack(losses).mean()
 
     loss_fn.did_backward = True
-    result = train(stage1, params, loss_fn, train_data, settings, seed=seed, desc="stage1 align", flops_per_token=flops)
+    result = train(stage1, params, loss_fn, train_data, settings, seed=seed, desc="stage1 align", flops_per_token=flops,
+                   sync_modules=list(mixers))
     _save_mixers(mixers, stage1.path / MIXERS_FILE)
     return stage1.complete(
         {**inputs, "init": str(stage0.path)},

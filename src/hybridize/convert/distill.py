@@ -109,7 +109,8 @@ def _distill(stage, teacher, student, tokenizer, data, settings, inputs, seed, l
         return chunked_cross_entropy(s_hidden, batch, student.lm_head)
 
     loss_fn = kl_loss if loss_kind == "kl" else lm_loss
-    result = train(stage, params, loss_fn, data, settings, seed=seed, desc=f"{stage.name} {loss_kind}", flops_per_token=flops)
+    result = train(stage, params, loss_fn, data, settings, seed=seed, desc=f"{stage.name} {loss_kind}", flops_per_token=flops,
+                   sync_modules=[student.model])
     student.eval()
     save_model_atomic(student, tokenizer, stage.path / MODEL_DIR)
     return stage.complete(

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["DistContext", "init_distributed", "context", "shard_modules", "full_tensor", "load_full_", "all_reduce_mean", "barrier"]
+__all__ = ["DistContext", "init_distributed", "context", "shard_modules", "full_tensor", "load_full_", "all_reduce_mean", "barrier", "set_gradient_sync"]
 
 log = logging.getLogger("hybridize")
 
@@ -83,6 +83,14 @@ def shard_modules(units: list[nn.Module], root: nn.Module | None = None, ignored
         fully_shard(unit, ignored_params=ignored)
     if root is not None:
         fully_shard(root, ignored_params=ignored)
+
+
+def set_gradient_sync(modules: list[nn.Module], enabled: bool) -> None:
+    """Turn FSDP2's gradient reduce-scatter on or off for ``modules`` (and their FSDP2 children), e.g. off for
+    all micro-batches but the last of a gradient-accumulation step; modules that are not sharded are skipped."""
+    for module in modules:
+        if hasattr(module, "set_requires_gradient_sync"):
+            module.set_requires_gradient_sync(enabled)
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:

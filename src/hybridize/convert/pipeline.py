@@ -21,7 +21,7 @@ from ..models import layer_types_to_str
 from .align import run_stage1
 from .distill import MODEL_DIR, run_stage2, run_stage3
 from .stage import StageDir, atomic_write_text, setup_logging
-from .trainer import TrainSettings, plan_steps
+from .trainer import TrainSettings, check_batch_split, plan_steps
 
 __all__ = ["ConvertOptions", "check_convert_options", "given_layer_types", "run_convert", "run_selection", "reselect", "saved_selection",
            "final_model_dir", "is_run_dir", "load_run_data", "split_heldout"]
@@ -71,6 +71,7 @@ class ConvertOptions:
     eval_passkey_lengths: tuple[int, ...] = (1024, 2048)
     eval_passkey_trials: int = 10
     checkpoint_every: int = 20
+    grad_accum: int = 1
     device: str | None = None
     seed: int = 0
     threads: int | None = None
@@ -107,12 +108,12 @@ def final_model_dir(run_dir: Path) -> Path:
 
 
 def _settings(opts: ConvertOptions, stage: str) -> TrainSettings:
-    every = opts.checkpoint_every
+    common = {"checkpoint_every": opts.checkpoint_every, "grad_accum": opts.grad_accum}
     if stage == "stage1":
-        return TrainSettings(opts.stage1_tokens, opts.seq_len, opts.stage1_batch, opts.stage1_lr, opts.stage1_lr_final, checkpoint_every=every)
+        return TrainSettings(opts.stage1_tokens, opts.seq_len, opts.stage1_batch, opts.stage1_lr, opts.stage1_lr_final, **common)
     if stage == "stage2":
-        return TrainSettings(opts.stage2_tokens, opts.seq_len, opts.stage2_batch, opts.stage2_lr, opts.stage2_lr_final, checkpoint_every=every)
-    return TrainSettings(opts.stage3_tokens, opts.stage3_seq_len, opts.stage3_batch, opts.stage3_lr, opts.stage3_lr, checkpoint_every=every)
+        return TrainSettings(opts.stage2_tokens, opts.seq_len, opts.stage2_batch, opts.stage2_lr, opts.stage2_lr_final, **common)
+    return TrainSettings(opts.stage3_tokens, opts.stage3_seq_len, opts.stage3_batch, opts.stage3_lr, opts.stage3_lr, **common)
 
 
 def given_layer_types(opts: ConvertOptions) -> list[str] | None:
@@ -165,6 +166,12 @@ def check_convert_options(opts: ConvertOptions, num_layers: int | None = None) -
         if isinstance(n, bool) or not isinstance(n, int) or n < 2:
             raise ValueError(f"{flag} must be an integer >= 2 (tokens; a 1-token sequence has no next token to "
                              f"train on), got {n!r}")
+    if isinstance(opts.grad_accum, bool) or not isinstance(opts.grad_accum, int) or opts.grad_accum < 1:
+        raise ValueError(f"--grad-accum must be an integer >= 1 (micro-batches per optimizer step), got {opts.grad_accum!r}")
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    stages = [("stage1", opts.stage1_batch), ("stage2", opts.stage2_batch)] + ([("stage3", opts.stage3_batch)] if opts.stage3 else [])
+    for stage, batch in stages:
+        check_batch_split(TrainSettings(1, 2, batch, 1.0, 1.0, grad_accum=opts.grad_accum), world, stage)
     layer_types = given_layer_types(opts)
     if layer_types is not None and opts.num_attention is not None:
         kept = sum(t != "lightning" for t in layer_types)

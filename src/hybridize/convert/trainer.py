@@ -12,11 +12,11 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ..errors import BudgetError
-from .distributed import all_reduce_mean, context, full_tensor, load_full_
+from .distributed import all_reduce_mean, context, full_tensor, load_full_, set_gradient_sync
 from .flops import mfu
 from .stage import StageDir, cosine_lr, make_optimizer
 
-__all__ = ["TrainSettings", "TrainResult", "train", "plan_steps", "STAGE_FLAGS"]
+__all__ = ["TrainSettings", "TrainResult", "train", "plan_steps", "check_batch_split", "STAGE_FLAGS"]
 
 log = logging.getLogger("hybridize")
 
@@ -32,6 +32,10 @@ class TrainSettings:
             a tenth of the steps for short runs).
         checkpoint_every: steps between resumable checkpoints.
         grad_clip: max global gradient norm (None = no clipping).
+        grad_accum: gradient accumulation: micro-batches per optimizer step in each process (each process's
+            ``batch_size / world_size`` rows split into this many forward/backward passes, interleaved as the
+            rows are over processes, so 1 process with ``grad_accum = N`` computes what N processes do); the
+            step, its loss and its gradient are those of the whole batch. Lowers activation memory.
     """
 
     tokens: int
@@ -42,6 +46,7 @@ class TrainSettings:
     warmup: int = 50
     checkpoint_every: int = 20
     grad_clip: float | None = 1.0
+    grad_accum: int = 1
 
 
 @dataclass
@@ -93,6 +98,29 @@ STAGE_FLAGS = {
 }
 
 
+def check_batch_split(settings: TrainSettings, world_size: int, stage: str) -> None:
+    """Check that ``settings.batch_size`` splits over ``world_size`` processes and each share into
+    ``settings.grad_accum`` micro-batches.
+
+    Raises:
+        BudgetError: naming the numbers and the flags to change.
+    """
+    batch_flag = STAGE_FLAGS.get(stage, ("", "the batch size"))[1]
+    if settings.grad_accum < 1:
+        raise BudgetError(f"{stage}: --grad-accum must be >= 1, got {settings.grad_accum}")
+    if settings.batch_size % world_size:
+        raise BudgetError(
+            f"{stage}: batch size {settings.batch_size} does not split over {world_size} processes; "
+            f"set {batch_flag} to a multiple of the number of processes"
+        )
+    if (settings.batch_size // world_size) % settings.grad_accum:
+        raise BudgetError(
+            f"{stage}: each of the {world_size} process(es) takes {settings.batch_size // world_size} sequences per step, "
+            f"which do not split into --grad-accum {settings.grad_accum} micro-batches; set {batch_flag} to a multiple "
+            f"of {world_size * settings.grad_accum} (processes x --grad-accum) or change --grad-accum"
+        )
+
+
 def plan_steps(settings: TrainSettings, available_sequences: int | None = None, stage: str = "stage") -> int:
     """Optimizer steps the budget buys.
 
@@ -131,6 +159,7 @@ def train(
     seed: int = 0,
     desc: str | None = None,
     flops_per_token: float | None = None,
+    sync_modules: list[torch.nn.Module] | None = None,
 ) -> TrainResult:
     """Train ``params`` to minimise ``loss_fn(batch)`` over ``data``; resume from ``stage``'s checkpoint if any.
 
@@ -144,6 +173,9 @@ def train(
         settings: budget and optimiser settings.
         flops_per_token: model FLOPs per trained token (:mod:`hybridize.convert.flops`), for the MFU
             figure in the log and the result.
+        sync_modules: the FSDP2-sharded modules of ``params``: with ``settings.grad_accum > 1`` their
+            gradient reduction is skipped on all but the last micro-batch of a step (one reduce-scatter per
+            step instead of one per micro-batch); ignored in one process.
 
     Returns:
         A :class:`TrainResult` (loss per step, tokens seen, throughput).
@@ -153,11 +185,8 @@ def train(
     """
     steps = plan_steps(settings, data.shape[0], stage.name)
     ctx = context()
-    if settings.batch_size % ctx.world_size:
-        raise BudgetError(
-            f"{stage.name}: batch size {settings.batch_size} does not split over {ctx.world_size} processes; "
-            f"set {STAGE_FLAGS.get(stage.name, ('', 'the batch size'))[1]} to a multiple of the number of processes"
-        )
+    check_batch_split(settings, ctx.world_size, stage.name)
+    accum = settings.grad_accum
     optimizer = make_optimizer(list(params.values()), settings.lr)
     warmup = min(settings.warmup, max(1, steps // 10))
     start_step, losses, grad_norms = 0, [], []
@@ -180,12 +209,23 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             rows = order[step * settings.batch_size : (step + 1) * settings.batch_size]
-            batch = data[rows[ctx.rank :: ctx.world_size]].to(ctx.device)  # this rank's share of the global batch
+            mine = rows[ctx.rank :: ctx.world_size]  # this rank's share of the global batch
             optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=ctx.device.type == "cuda"):
-                loss = loss_fn(batch)  # bf16 compute on GPU (SPEC 2), fp32 master weights
-            if not getattr(loss_fn, "did_backward", False):
-                loss.backward()
+            micro_losses = []
+            for j in range(accum):
+                if ctx.enabled and accum > 1 and sync_modules:
+                    set_gradient_sync(sync_modules, j == accum - 1)  # reduce once, after the last micro-batch
+                batch = data[mine[j::accum]].to(ctx.device)
+                with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=ctx.device.type == "cuda"):
+                    loss = loss_fn(batch)  # bf16 compute on GPU (SPEC 2), fp32 master weights
+                if not getattr(loss_fn, "did_backward", False):
+                    loss.backward()
+                micro_losses.append(loss.detach())
+            if accum > 1:  # gradients summed over the micro-batches: make them the whole batch's mean
+                loss = torch.stack(micro_losses).mean()
+                for p in params.values():
+                    if p.grad is not None:
+                        p.grad.div_(accum)
             if settings.grad_clip is not None:
                 norm = torch.nn.utils.clip_grad_norm_(list(params.values()), settings.grad_clip)
                 grad_norms.append(float(full_tensor(norm)))  # whole-model norm (a DTensor when sharded)
