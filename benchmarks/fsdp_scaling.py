@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -52,9 +53,18 @@ def _launch(nproc: int, convert_args: list[str], run_dir: Path, log_path: Path, 
            "-m", "hybridize", "convert", *convert_args, "--out", str(run_dir)]
     env = {**os.environ, **{k: os.environ.get(k, v) for k, v in _OFF.items()}}
     t0 = time.time()
+    # its own process group: on a timeout the launcher *and* its workers are killed (killing torchrun alone left
+    # a worker running on the GPU, holding the run directory's lock, on 2026-11-30)
     with log_path.open("w") as log:
-        proc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
-    return {"command": shlex.join(cmd), "returncode": proc.returncode, "wall_s": round(time.time() - t0, 1), "log": log_path.name}
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            returncode = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            returncode = "timeout"
+            log.write(f"\n[fsdp_scaling] killed after the --timeout of {timeout:.0f} s\n")
+    return {"command": shlex.join(cmd), "returncode": returncode, "wall_s": round(time.time() - t0, 1), "log": log_path.name}
 
 
 def _stage_figures(run_dir: Path) -> dict:
@@ -108,9 +118,9 @@ def _plot(figs: dict[str, dict], labels: dict[str, str], path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(STAGES), figsize=(10, 3.6))
     for ax, stage in zip(axes, STAGES):
-        for key, f in figs.items():
-            if f.get(stage):
-                ax.plot(f[stage]["loss_curve"], label=labels[key], lw=1)
+        for i, (key, f) in enumerate(figs.items()):
+            if f.get(stage):  # one colour per run in both panels, also when a run lacks a stage
+                ax.plot(f[stage]["loss_curve"], label=labels[key], lw=1, color=f"C{i}")
         ax.set_title(stage)
         ax.set_xlabel("step")
         ax.set_ylabel("loss")

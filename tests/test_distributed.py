@@ -76,3 +76,17 @@ def test_fsdp_scaling_script_refuses_bad_arguments(tmp_path):
             mod.main(argv)
         assert exc.value.code == 2, argv
     assert not (tmp_path / "o").exists()
+
+
+def test_fsdp_scaling_timeout_kills_the_launcher_and_its_workers(tmp_path):
+    """A run past --timeout is killed with its whole process group (a torchrun worker left alive kept the GPU
+    and the run directory's lock), and recorded as a timeout."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fsdp_scaling", Path(__file__).parents[1] / "benchmarks" / "fsdp_scaling.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    log = tmp_path / "run.log"
+    run = mod._launch(1, ["--help"], tmp_path / "run", log, timeout=0.5)
+    assert run["returncode"] == "timeout" and run["wall_s"] < 30
+    assert "killed after the --timeout" in log.read_text()

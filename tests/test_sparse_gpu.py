@@ -118,7 +118,7 @@ def test_flex_layout_check_picks_a_correct_layout():
     idx = select_block_indices(q, k, SALA_SPARSE)
     ref = sparse_attention_ref(q.float(), k.float(), v.float(), SALA_SPARSE, indices=idx)
     with torch.no_grad():
-        out = sa._flex_in_query_chunks(q, k, v, idx, 64, None, variant == "full")
+        out = sa._flex_in_query_chunks(q, k, v, idx, 64, None, variant)
     assert rel_err(out, ref) < BF16_TOL
 
 

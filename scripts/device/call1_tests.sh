@@ -14,8 +14,8 @@ BENCH_END=$(( $(cat /root/end_at) - ${BENCH_RESERVE:-480} ))
 BENCH_PRESETS=${BENCH_PRESETS:-qwen3-8b qwen3-8b-hf hypenet-8b sala-8b qwen3-1.7b qwen3-1.7b-hf hypenet-1.7b sala-1.7b}
 BENCH_LENGTHS=${BENCH_LENGTHS:-32768 131072 262144 524288 1048576}
 export TESTS_END BENCH_END BENCH_PRESETS BENCH_LENGTHS
-setsid nohup bash -c 'bash scripts/device/tests_job.sh 1 $TESTS_END ${GPU1_TESTS:-tests/test_sparse_gpu.py \
-    tests/test_prefill_attention_gpu.py tests/test_graph_decode_gpu.py}
+setsid nohup bash -c 'bash scripts/device/tests_job.sh 1 $TESTS_END ${GPU1_TESTS:-tests/test_train_gpu.py tests/test_sparse_gpu.py \
+    tests/test_graph_decode_gpu.py tests/test_prefill_attention_gpu.py}
   touch $RES/gpu1.free' > $RES/logs/gpu1.log 2>&1 < /dev/null &
 setsid nohup bash -c 'export CUDA_VISIBLE_DEVICES=0
   timeout $(( TESTS_END - $(date +%s) )) python3 benchmarks/sparse_attention.py --no-compiled-selection \

@@ -5,7 +5,8 @@
         8a2e381:call1:/tmp/r3/test_sparse_gpu.xml 8a2e381:rerun:/tmp/r3/test_gpu_rerun.xml ...
 
 Each positional argument is COMMIT:RUN:XML. Later arguments win for the same test: the summary gives every
-test's last outcome (and where it ran), and ``history`` keeps each run's outcome.
+test's last outcome (and where it ran), and ``history`` keeps each run's outcome. ``--base`` starts from an
+earlier record of this script (its tests, histories and runs), so a later session adds its runs to it.
 """
 import argparse
 import json
@@ -35,6 +36,7 @@ def main() -> None:
     p.add_argument("--meta", action="append", default=[], metavar="KEY=VALUE",
                    help="a field recorded as it is (repeat the flag for more); not runs/tests/note/date_utc")
     p.add_argument("--note", default="")
+    p.add_argument("--base", type=Path, default=None, help="an earlier record to extend (its last outcomes and histories)")
     args = p.parse_args()
     meta = {}
     for kv in args.meta:
@@ -42,7 +44,16 @@ def main() -> None:
         if not sep or not key or key in ("runs", "tests", "note", "date_utc", "summary_last_outcome"):
             p.error(f"--meta takes KEY=VALUE with a KEY other than the record's own fields, got {kv!r}")
         meta[key] = value
-    last, history = {}, {}
+    last, history, earlier = {}, {}, []
+    if args.base is not None:
+        try:
+            base = json.loads(args.base.read_text())
+            earlier = list(base["runs"])
+            for row in base["tests"]:
+                history[row["test"]] = list(row["history"])
+                last[row["test"]] = {k: v for k, v in row.items() if k not in ("test", "history")}
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            p.error(f"--base {args.base} is not a record of this script: {exc}")
     for spec in args.runs:
         commit, _, rest = spec.partition(":")
         run, _, xml = rest.partition(":")
@@ -66,7 +77,7 @@ def main() -> None:
     record = {
         **meta,
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "runs": args.runs,
+        "runs": earlier + args.runs,
         "summary_last_outcome": summary,
         "note": args.note,
         "tests": [{"test": k, **v, "history": history[k]} for k, v in sorted(last.items())],

@@ -1130,8 +1130,8 @@ def flex_mask_variant(
     Checked once per (device, dtype, heads, kv_heads, head_dim, block_size) and cached; costs one to three
     FlexAttention compiles (seconds). Why: on torch 2.11 + an H200 the compact layout gave relative errors
     of 0.2-5 against the reference in every GPU test (``benchmarks/results/gpu_tests_h200.json``) while the
-    full one passed them (the padded one, full-width lists without Q-side tables, is not yet run on a
-    GPU); a wrong kernel must never be chosen silently, so
+    full and padded ones (full-width lists; padded without the Q-side tables) passed them; a wrong kernel
+    must never be chosen silently, so
     :func:`sparse_attention` uses the verified layout, or the reference when none is right.
 
     Args:
