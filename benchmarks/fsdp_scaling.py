@@ -16,7 +16,8 @@ batches one after the other on one GPU (same rows, same forward shapes; only the
 when the N-GPU losses differ from the 1-GPU ones, this run tells "the trajectory is that sensitive to a
 different (equally correct) batch split" (it then agrees with the N-GPU run) from "sharding/communication is
 wrong" (it then agrees with the 1-GPU run). ``comparison`` holds ``stage -> figures`` for 1 vs N GPUs and, with
-the check, ``accum`` (1 GPU vs 1 GPU accumulating) and ``accum_vs_n`` (1 GPU accumulating vs N GPUs).
+the check, ``comparison_accum`` with ``1gpu_vs_accum`` (1 GPU vs 1 GPU accumulating) and ``accum_vs_ngpu``
+(1 GPU accumulating vs N GPUs).
 
 NVLink multicast stays off: the NCCL_NVLS_ENABLE / TORCH_SYMM_MEM_DISABLE_MULTICAST / NVSHMEM_DISABLE_NVLS
 variables of the environment are passed on unchanged (set to their off values when unset).
@@ -26,8 +27,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -48,22 +51,55 @@ def _git_commit() -> str | None:
         return None
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (Linux ``/proc``; empty elsewhere): torchrun starts each worker in a
+    session of its own, so a signal to the launcher's process group does not reach them."""
+    found, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+        except OSError:
+            continue
+        for child in map(int, children):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def run_with_timeout(cmd: list[str], env: dict, log, timeout: float, grace: float = 30.0) -> int | str:
+    """Run ``cmd`` (output to the open file ``log``); past ``timeout`` seconds stop it *and every process it
+    started*: SIGTERM to the launcher (torchrun then stops its workers), up to ``grace`` seconds, then SIGKILL to
+    whatever is left. Returns the exit code, or ``"timeout"``. (Killing torchrun alone left its worker
+    training on the GPU and holding the run directory's lock, 2026-11-30.)"""
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pass
+    tree = _descendants(proc.pid)
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        pass
+    for pid in [proc.pid, *tree, *_descendants(proc.pid)]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    proc.wait()
+    log.write(f"\n[fsdp_scaling] stopped after the --timeout of {timeout:.0f} s (with every process it started)\n")
+    return "timeout"
+
+
 def _launch(nproc: int, convert_args: list[str], run_dir: Path, log_path: Path, timeout: float) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "hybridize", "convert", *convert_args, "--out", str(run_dir)]
     env = {**os.environ, **{k: os.environ.get(k, v) for k, v in _OFF.items()}}
     t0 = time.time()
-    # its own process group: on a timeout the launcher *and* its workers are killed (killing torchrun alone left
-    # a worker running on the GPU, holding the run directory's lock, on 2026-11-30)
     with log_path.open("w") as log:
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            returncode = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            returncode = "timeout"
-            log.write(f"\n[fsdp_scaling] killed after the --timeout of {timeout:.0f} s\n")
+        returncode = run_with_timeout(cmd, env, log, timeout)
     return {"command": shlex.join(cmd), "returncode": returncode, "wall_s": round(time.time() - t0, 1), "log": log_path.name}
 
 
@@ -132,16 +168,23 @@ def _plot(figs: dict[str, dict], labels: dict[str, str], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                usage="%(prog)s [options] -- <hybridize convert flags>")
     p.add_argument("--gpus", type=int, default=2, help="processes (GPUs) of the sharded run")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/fsdp2_h200x2"))
     p.add_argument("--runs", type=Path, default=None, help="where the two run directories go (default: <out>/runs)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per run")
+    p.add_argument("--fresh", action="store_true",
+                   help="delete run directories left in --runs by an earlier call (without it the script refuses them: "
+                        "a conversion would resume them and report their old figures)")
     p.add_argument("--accum-check", action="store_true",
                    help="also run 1 process with --grad-accum <gpus> (the N-GPU run's micro-batches on one GPU)")
     p.add_argument("--commit", default=os.environ.get("HYBRIDIZE_GIT_COMMIT"), help="git commit to record")
     p.add_argument("convert_args", nargs=argparse.REMAINDER, help="after --: the `hybridize convert` flags (no --out)")
     argv = sys.argv[1:] if argv is None else list(argv)
+    if "--" not in argv and any(a in ("-h", "--help") for a in argv):
+        p.print_help()
+        return 0
     if "--" not in argv:
         p.error("put the `hybridize convert` flags after a lone `--` (e.g. `--gpus 2 -- --data corpus.jsonl ...`)")
     split = argv.index("--")
@@ -149,10 +192,14 @@ def main(argv: list[str] | None = None) -> int:
     convert_args = argv[split + 1 :]
     if not convert_args:
         p.error("no `hybridize convert` flags after `--`: give at least the budgets (a default conversion takes hours)")
+    if any(a in ("-h", "--help") for a in convert_args):
+        p.error("--help among the convert flags would launch runs that only print help: see `hybridize convert --help`")
     if any(a == "--out" or a.startswith("--out=") for a in convert_args):
         p.error("give no --out among the convert flags: the script chooses one run directory per process count")
     if args.gpus < 2:
         p.error("--gpus must be >= 2 (the 1-GPU run is always made)")
+    if not (math.isfinite(args.timeout) and args.timeout > 0):
+        p.error(f"--timeout must be a finite number of seconds > 0, got {args.timeout}")
     if args.accum_check and any(a == "--grad-accum" or a.startswith("--grad-accum=") for a in convert_args):
         p.error("--accum-check sets --grad-accum itself: leave it out of the convert flags")
     if torch.cuda.is_available() and torch.cuda.device_count() < args.gpus:
@@ -160,11 +207,18 @@ def main(argv: list[str] | None = None) -> int:
     for path in (args.out, args.runs):
         if path is not None and (path.is_file() or any(q.is_file() for q in path.parents)):
             p.error(f"{path} is a file or lies under one: choose a directory")
+    runs = args.runs or args.out / "runs"
+    keys = ["1gpu", f"{args.gpus}gpu"] + ([f"1gpu_accum{args.gpus}"] if args.accum_check else [])
+    left = [runs / k for k in keys if (runs / k).exists()]
+    if left and not args.fresh:
+        p.error(f"{', '.join(map(str, left))} already exist: a conversion would resume them and this script would "
+                "report their old figures; pass --fresh to delete them, or choose another --runs")
+    for path in left:
+        shutil.rmtree(path)
     try:
         args.out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         p.error(f"cannot create --out {args.out}: {exc.strerror}")
-    runs = args.runs or args.out / "runs"
     result = {
         "benchmark": "benchmarks/fsdp_scaling.py",
         "command": shlex.join([sys.executable, *sys.argv]) if argv is None else shlex.join(["fsdp_scaling.py", *argv]),
@@ -201,12 +255,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[fsdp_scaling] the {key} run failed (exit {result['runs'][key]['returncode']}): see {args.out / result['runs'][key]['log']}",
               file=sys.stderr)
     for stage, c in result["comparison"].items():
+        for name, cc in result.get("comparison_accum", {}).items():
+            if cc.get(stage):
+                print(f"{stage} {name}: final loss rel diff {cc[stage]['final_loss_rel_diff']:.2e}, "
+                      f"max step rel diff {cc[stage]['max_step_rel_diff']:.2e}, speedup {cc[stage]['speedup']}")
         if c:
-            if args.accum_check:
-                for name, cc in result["comparison_accum"].items():
-                    if cc.get(stage):
-                        print(f"{stage} {name}: final loss rel diff {cc[stage]['final_loss_rel_diff']:.2e}, "
-                              f"max step rel diff {cc[stage]['max_step_rel_diff']:.2e}")
             print(f"{stage}: final loss {c['final_loss_1']:.5f} (1 GPU) vs {c['final_loss_n']:.5f} ({args.gpus} GPUs), "
                   f"rel diff {c['final_loss_rel_diff']:.2e}, max step rel diff {c['max_step_rel_diff']:.2e}, "
                   f"speedup {c['speedup'] if c['speedup'] is None else round(c['speedup'], 3)}, "

@@ -498,7 +498,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(ROOT / "runs" / "sparse_attention.json"),
                         help="results JSON (default runs/sparse_attention.json; the committed H200 figures are "
                              "benchmarks/results/sparse_attention_h200.json)")
-    parser.add_argument("--device", default="cuda", help="cuda; 'cpu' only smoke-tests the script at tiny sizes")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                        help="cuda; 'cpu' only smoke-tests the script at tiny sizes")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("needs a CUDA GPU (or --device cpu for a smoke test)", file=sys.stderr)
@@ -511,6 +512,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--sizes needs at least one context length >= 1 token, got {args.sizes!r}")
     if args.chunk < 0:
         parser.error(f"--chunk must be >= 0 queries (0 skips the chunked measurement), got {args.chunk}")
+    if args.score_elements < 1:
+        parser.error(f"--score-elements must be >= 1 (fp32 scores per scoring chunk), got {args.score_elements}")
     if args.repeats < 1:
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
     if not args.time_budget > 0:
@@ -520,8 +523,14 @@ def main(argv: list[str] | None = None) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         parser.error(f"cannot create the folder of --out {args.out}: {exc}")
-    if out.is_dir() or not os.access(out if out.exists() else out.parent, os.W_OK):
-        parser.error(f"cannot write --out {args.out}: a folder, or no write permission; give a file path")
+    existed = out.exists()
+    try:  # open for appending (nothing truncated) to learn now, not after the measurements, that it can be written
+        with out.open("a"):
+            pass
+    except OSError as exc:
+        parser.error(f"cannot write --out {args.out} ({exc.strerror}); give a writable file path")
+    if not existed:
+        out.unlink()
     args.first = sizes[0]
     cfg = SparseConfig()
     budget = Budget(args.time_budget)
@@ -540,7 +549,8 @@ def main(argv: list[str] | None = None) -> int:
         "shape": {"batch": 1, "heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "dtype": "bfloat16"},
         "sparse_config": cfg.to_dict(),
         "time_budget_s": args.time_budget,
-        "units": "milliseconds (median over --repeats calls, timed with CUDA events)",
+        "units": "milliseconds (median over --repeats calls, timed with CUDA events)" if args.device == "cuda"
+        else "milliseconds (median over --repeats calls, wall clock; CPU smoke test: not a performance figure)",
         "results": [],
     }
     torch.backends.cuda.matmul.allow_tf32 = True

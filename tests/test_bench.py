@@ -153,6 +153,9 @@ def test_bench_rejects_bad_arguments(capsys):
     assert "lengths" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main([*ARGS, "--presets", "nope"])
+    for flag in ("--decode-tokens", "--chunk-size"):
+        assert main([*ARGS, "--presets", "tiny", flag, "0"]) == 2
+        assert f"{flag} must be >= 1" in capsys.readouterr().err
     for flag, value in (("--time-budget", "-1"), ("--total-budget", "0"), ("--total-budget", "-5")):
         with pytest.raises(SystemExit) as info:
             main([*ARGS, "--presets", "tiny", flag, value])

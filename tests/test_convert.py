@@ -288,6 +288,30 @@ def test_gradient_accumulation_equals_the_whole_batch(tmp_path, did_backward):
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
 
 
+def test_stage1_per_layer_mse_is_the_last_steps_mean_over_micro_batches(tiny_teacher_dir, data_file, tmp_path):
+    run_convert(_opts(tiny_teacher_dir, data_file, tmp_path / "run", grad_accum=2))
+    m = json.loads((tmp_path / "run" / "stage1" / "manifest.json").read_text())
+    per_layer = m["per_layer_mse"]
+    assert len(per_layer) == 4 and m["settings"]["grad_accum"] == 2
+    assert sum(per_layer) / len(per_layer) == pytest.approx(m["loss_curve"][-1], rel=1e-5)
+
+
+def test_grad_accum_and_world_size_of_the_wrong_type_are_refused(monkeypatch, capsys, data_file, tmp_path):
+    from hybridize.convert.trainer import TrainSettings, check_batch_split
+    from hybridize.errors import BudgetError
+
+    for accum in (2.0, True, "2", None, 0):
+        with pytest.raises(BudgetError, match="--grad-accum must be an integer"):
+            check_batch_split(TrainSettings(1, 2, 8, 1.0, 1.0, grad_accum=accum), 1, "stage1")
+    for world in (0, -2, 1.0):
+        with pytest.raises(BudgetError, match="number of processes"):
+            check_batch_split(TrainSettings(1, 2, 8, 1.0, 1.0), world, "stage1")
+    monkeypatch.setenv("WORLD_SIZE", "abc")
+    code, err = _run_cli(capsys, "convert", "--data", str(data_file), "--out", str(tmp_path / "run"))
+    assert code == 2 and "WORLD_SIZE='abc' is not an integer" in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_grad_accum_that_does_not_split_the_batch_is_named(capsys, tmp_path, tiny_teacher_dir, data_file):
     from hybridize.convert.trainer import TrainSettings, check_batch_split
     from hybridize.errors import BudgetError

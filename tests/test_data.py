@@ -241,3 +241,10 @@ def test_essays_and_qa():
     assert squad[0]["answers"][0] in squad[0]["context"]
     with pytest.raises(ValueError):
         load_qa("nq")  # type: ignore[arg-type]
+
+
+def test_binary_jsonl_is_named(tmp_path):
+    bad = tmp_path / "bin.jsonl"
+    bad.write_bytes(b'{"text": "ok"}\n\xfc\xfd\xfe\n')
+    with pytest.raises(DataError, match="bin.jsonl is not UTF-8"):
+        load_texts([str(bad)])

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -71,22 +72,59 @@ def test_fsdp_scaling_script_refuses_bad_arguments(tmp_path):
                  ["--gpus", "2", "--out", str(tmp_path / "o"), "--", "--out=/x"],
                  ["--gpus", "1", "--", "--no-eval"],
                  ["--gpus", "2", "--accum-check", "--out", str(tmp_path / "o"), "--", "--grad-accum", "2"],
+                 ["--gpus", "2", "--out", str(tmp_path / "o"), "--", "--help"],
                  ["--gpus", "2", "--out", str(afile), "--", "--no-eval"]):
         with pytest.raises(SystemExit) as exc:
             mod.main(argv)
         assert exc.value.code == 2, argv
     assert not (tmp_path / "o").exists()
+    assert mod.main(["--help"]) == 0  # help without the `--` part
 
 
-def test_fsdp_scaling_timeout_kills_the_launcher_and_its_workers(tmp_path):
-    """A run past --timeout is killed with its whole process group (a torchrun worker left alive kept the GPU
-    and the run directory's lock), and recorded as a timeout."""
+def _fsdp_scaling_module():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("fsdp_scaling", Path(__file__).parents[1] / "benchmarks" / "fsdp_scaling.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod
+
+
+def test_fsdp_scaling_timeout_stops_the_launcher_and_its_workers(tmp_path):
+    """Past --timeout the launcher and every process it started are stopped, also a worker in a session of its
+    own (as torchrun starts them: killing the launcher's group alone left one training and holding the lock)."""
+    mod = _fsdp_scaling_module()
+    pid_file = tmp_path / "worker.pid"
+    launcher = (
+        "import subprocess, sys, time\n"
+        "w = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'], start_new_session=True)\n"
+        f"open({str(pid_file)!r}, 'w').write(str(w.pid))\n"
+        "time.sleep(120)\n"
+    )
     log = tmp_path / "run.log"
-    run = mod._launch(1, ["--help"], tmp_path / "run", log, timeout=0.5)
-    assert run["returncode"] == "timeout" and run["wall_s"] < 30
-    assert "killed after the --timeout" in log.read_text()
+    with log.open("w") as fh:
+        assert mod.run_with_timeout([sys.executable, "-c", launcher], dict(os.environ), fh, timeout=3, grace=2) == "timeout"
+    worker = int(pid_file.read_text())
+
+    def alive(pid):  # a killed child of an exited parent may linger as a zombie until init reaps it
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+        except OSError:
+            return False
+
+    deadline = time.time() + 5
+    while alive(worker) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not alive(worker), "the launcher's worker outlived the timeout"
+    assert "stopped after the --timeout" in log.read_text()
+
+
+def test_fsdp_scaling_refuses_bad_timeouts_and_old_runs(tmp_path):
+    mod = _fsdp_scaling_module()
+    for t in ("0", "-5", "nan", "inf"):
+        with pytest.raises(SystemExit):
+            mod.main(["--gpus", "2", "--timeout", t, "--out", str(tmp_path / "o"), "--", "--no-eval"])
+    (tmp_path / "runs" / "1gpu" / "stage1").mkdir(parents=True)
+    with pytest.raises(SystemExit):  # would resume the old run and report its figures
+        mod.main(["--gpus", "2", "--out", str(tmp_path / "o"), "--runs", str(tmp_path / "runs"), "--", "--no-eval"])
+    assert (tmp_path / "runs" / "1gpu" / "stage1").is_dir() and not (tmp_path / "o").exists()

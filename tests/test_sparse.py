@@ -645,7 +645,7 @@ def test_sparse_benchmark_script_smoke_on_cpu(tmp_path):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     out = tmp_path / "r.json"
-    for bad in (["--chunk", "-1"], ["--sizes", "x"], ["--repeats", "0"]):
+    for bad in (["--chunk", "-1"], ["--sizes", "x"], ["--repeats", "0"], ["--score-elements", "0"], ["--device", "xyz"]):
         with pytest.raises(SystemExit):
             mod.main(["--device", "cpu", "--out", str(out), *bad])
     assert not out.exists()

@@ -19,7 +19,7 @@ export FSDP_ENV=${FSDP_ENV:-}
 setsid nohup bash -c 'while [ ! -f $RES/bench.done ]; do sleep 2; done
   PER_RUN=$(( ($(cat /root/end_at) - $(date +%s) - 30) / 3 ))
   echo "fsdp starts $(date -u +%FT%TZ), $PER_RUN s per run"
-  ${FSDP_ENV:+env $FSDP_ENV} python3 benchmarks/fsdp_scaling.py --gpus 2 --accum-check --timeout $PER_RUN \
+  ${FSDP_ENV:+env $FSDP_ENV} python3 benchmarks/fsdp_scaling.py --gpus 2 --accum-check --fresh --timeout $PER_RUN \
     --out $RES/fsdp2_h200x2 --runs /root/fsdp_runs --commit $HYBRIDIZE_GIT_COMMIT -- --data /root/h200_train.jsonl \
     --layer-types $LT --seq-len 512 --stage1-tokens 983040 --stage1-batch 64 --stage2-tokens $STAGE2_TOKENS \
     --stage2-batch 128 --no-eval --device cuda --checkpoint-every 1000

@@ -26,7 +26,26 @@ def outcomes(path: Path):
                 outcome = {"failure": "failed", "error": "error"}.get(tag, "skipped")
                 if tag == "skipped" and el.get("type") == "pytest.xfail":
                     outcome = "xfailed"
-        yield name, outcome, float(case.get("time") or 0), message
+        try:
+            seconds = float(case.get("time") or 0)
+        except ValueError:  # a junit writer with another number format: the outcome still counts
+            seconds = 0.0
+        yield name, outcome, seconds, message
+
+
+def _base_problem(base) -> str | None:
+    """None when ``base`` has this script's record shape, else what is wrong (one line)."""
+    if not isinstance(base, dict):
+        return f"a JSON {type(base).__name__}, not an object"
+    if not isinstance(base.get("runs"), list) or not all(isinstance(r, str) for r in base["runs"]):
+        return "'runs' is not a list of COMMIT:RUN:XML strings"
+    if not isinstance(base.get("tests"), list):
+        return "'tests' is not a list"
+    for row in base["tests"]:
+        if not (isinstance(row, dict) and isinstance(row.get("test"), str) and isinstance(row.get("outcome"), str)
+                and isinstance(row.get("history"), list) and all(isinstance(h, str) for h in row["history"])):
+            return f"a test row without a string 'test', a string 'outcome' and a list 'history' of strings: {str(row)[:120]}"
+    return None
 
 
 def main() -> None:
@@ -44,16 +63,23 @@ def main() -> None:
         if not sep or not key or key in ("runs", "tests", "note", "date_utc", "summary_last_outcome"):
             p.error(f"--meta takes KEY=VALUE with a KEY other than the record's own fields, got {kv!r}")
         meta[key] = value
-    last, history, earlier = {}, {}, []
+    if args.out.is_dir() or not args.out.parent.is_dir():
+        p.error(f"--out {args.out}: give a file path in an existing folder")
+    last, history, earlier, carried = {}, {}, [], {}
     if args.base is not None:
         try:
             base = json.loads(args.base.read_text())
-            earlier = list(base["runs"])
-            for row in base["tests"]:
-                history[row["test"]] = list(row["history"])
-                last[row["test"]] = {k: v for k, v in row.items() if k not in ("test", "history")}
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            p.error(f"--base {args.base} is not a record of this script: {exc}")
+        except (OSError, ValueError) as exc:
+            p.error(f"--base {args.base} cannot be read as JSON: {exc}")
+        problem = _base_problem(base)
+        if problem:
+            p.error(f"--base {args.base} is not a record of this script: {problem}")
+        earlier = list(base["runs"])
+        for row in base["tests"]:
+            history[row["test"]] = list(row["history"])
+            last[row["test"]] = {k: v for k, v in row.items() if k not in ("test", "history")}
+        # the base's own fields (gpu, torch, command, ..., note) carry over unless --meta / --note replace them
+        carried = {k: v for k, v in base.items() if k not in ("runs", "tests", "date_utc", "summary_last_outcome")}
     for spec in args.runs:
         commit, _, rest = spec.partition(":")
         run, _, xml = rest.partition(":")
@@ -74,12 +100,15 @@ def main() -> None:
     summary = {}
     for row in last.values():
         summary[row["outcome"]] = summary.get(row["outcome"], 0) + 1
+    note = args.note if args.note else carried.pop("note", "")
+    carried.pop("note", None)
     record = {
+        **carried,
         **meta,
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "runs": earlier + args.runs,
         "summary_last_outcome": summary,
-        "note": args.note,
+        "note": note,
         "tests": [{"test": k, **v, "history": history[k]} for k, v in sorted(last.items())],
     }
     args.out.write_text(json.dumps(record, indent=1) + "\n")

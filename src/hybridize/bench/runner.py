@@ -96,7 +96,9 @@ def _git_state(override: str | None) -> dict:
     root = Path(__file__).resolve().parents[3]
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, check=True).stdout.strip())
+        # tracked files only: untracked ones (carried wheels, data, outputs) are not the code that ran
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
+                                    text=True, check=True).stdout.strip())
     except (OSError, subprocess.CalledProcessError):
         commit, dirty = None, None
     return {"commit": override or commit or "unknown", "uncommitted_changes": dirty}
@@ -142,8 +144,9 @@ def _validate(opts: BenchOptions) -> tuple[torch.device, torch.dtype]:
         raise ValueError(f"unknown presets {unknown or '(none given)'}; choose from {sorted(PRESETS)}")
     if not opts.lengths or any(n < 1 for n in opts.lengths):
         raise ValueError(f"lengths must be >= 1 tokens, got {opts.lengths}")
-    if opts.decode_tokens < 1 or opts.chunk_size < 1:
-        raise ValueError("decode_tokens and chunk_size must be >= 1")
+    for flag, value in (("--decode-tokens", opts.decode_tokens), ("--chunk-size", opts.chunk_size)):
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1 (tokens), got {value}")
     for flag, budget in (("--time-budget", opts.time_budget), ("--total-budget", opts.total_budget)):
         if budget is not None and not (isinstance(budget, (int, float)) and math.isfinite(budget) and budget > 0):
             raise ValueError(f"{flag} must be a number of seconds > 0 (or none for no limit), got {budget!r}")

@@ -9,6 +9,7 @@ with every layer Lightning.
 from __future__ import annotations
 
 import logging
+from collections import deque
 
 import torch
 import torch.nn.functional as F
@@ -165,11 +166,12 @@ def run_stage1(teacher, train_data: torch.Tensor, run_dir, settings: TrainSettin
     )
     shard_modules(list(mixers))
     params = {f"layers.{i}.{k}": p for i, m in enumerate(mixers) for k, p in m.named_parameters()}
-    last_layer_losses: list[float] = []
+    # per-layer losses of the last step's micro-batches (one entry per micro-batch with --grad-accum)
+    recent: deque[list[float]] = deque(maxlen=settings.grad_accum)
 
     def loss_fn(batch):
         losses = alignment_losses(teacher, mixers, rotary, batch, backward=True)
-        last_layer_losses[:] = [float(x) for x in losses]
+        recent.append([float(x) for x in losses])
         return torch.stack(losses).mean()
 
     loss_fn.did_backward = True
@@ -183,7 +185,7 @@ def run_stage1(teacher, train_data: torch.Tensor, run_dir, settings: TrainSettin
         extra={
             "loss": "MSE (mean over layers)",
             "loss_curve": result.losses,
-            "per_layer_mse": last_layer_losses,
+            "per_layer_mse": [sum(col) / len(col) for col in zip(*recent)],  # the last step's, over its micro-batches
             **result.metrics(),
             "settings": vars(settings),
         },

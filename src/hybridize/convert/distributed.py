@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["DistContext", "init_distributed", "context", "shard_modules", "full_tensor", "load_full_", "all_reduce_mean", "barrier", "set_gradient_sync"]
+__all__ = ["DistContext", "env_world_size", "init_distributed", "context", "shard_modules", "full_tensor", "load_full_", "all_reduce_mean", "barrier", "set_gradient_sync"]
 
 log = logging.getLogger("hybridize")
 
@@ -38,13 +38,26 @@ class DistContext:
         return self.rank == 0
 
 
+def env_world_size() -> int:
+    """Processes of this launch from ``$WORLD_SIZE`` (set by torchrun / accelerate); 1 when unset, empty or
+    below 1 (one process). Raises ValueError naming the variable when it is not an integer."""
+    raw = os.environ.get("WORLD_SIZE", "").strip()
+    if not raw:
+        return 1
+    try:
+        return max(1, int(raw))
+    except ValueError:
+        raise ValueError(f"WORLD_SIZE={raw!r} is not an integer: unset it, or launch with torchrun / accelerate "
+                         "launch, which set it") from None
+
+
 def init_distributed(device: str | None = None) -> DistContext:
     """Join the process group that ``torchrun``/``accelerate launch`` describe in the environment.
 
     Uses NCCL when CUDA is available (one GPU per local rank), else gloo. Without ``WORLD_SIZE > 1`` this
     returns a single-process context on ``device`` (default: CUDA if available, else CPU).
     """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = env_world_size()
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if world <= 1:

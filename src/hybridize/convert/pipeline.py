@@ -168,7 +168,9 @@ def check_convert_options(opts: ConvertOptions, num_layers: int | None = None) -
                              f"train on), got {n!r}")
     if isinstance(opts.grad_accum, bool) or not isinstance(opts.grad_accum, int) or opts.grad_accum < 1:
         raise ValueError(f"--grad-accum must be an integer >= 1 (micro-batches per optimizer step), got {opts.grad_accum!r}")
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    from .distributed import env_world_size
+
+    world = env_world_size()
     stages = [("stage1", opts.stage1_batch), ("stage2", opts.stage2_batch)] + ([("stage3", opts.stage3_batch)] if opts.stage3 else [])
     for stage, batch in stages:
         check_batch_split(TrainSettings(1, 2, batch, 1.0, 1.0, grad_accum=opts.grad_accum), world, stage)

@@ -106,8 +106,11 @@ def check_batch_split(settings: TrainSettings, world_size: int, stage: str) -> N
         BudgetError: naming the numbers and the flags to change.
     """
     batch_flag = STAGE_FLAGS.get(stage, ("", "the batch size"))[1]
-    if settings.grad_accum < 1:
-        raise BudgetError(f"{stage}: --grad-accum must be >= 1, got {settings.grad_accum}")
+    accum = settings.grad_accum
+    if isinstance(accum, bool) or not isinstance(accum, int) or accum < 1:
+        raise BudgetError(f"{stage}: --grad-accum must be an integer >= 1 (micro-batches per step), got {accum!r}")
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise BudgetError(f"{stage}: the number of processes must be an integer >= 1, got {world_size!r}")
     if settings.batch_size % world_size:
         raise BudgetError(
             f"{stage}: batch size {settings.batch_size} does not split over {world_size} processes; "

@@ -615,6 +615,13 @@ def _read_txt(path: Path) -> list[str]:
 
 
 def _read_jsonl(path: Path) -> list[str]:
+    try:
+        return _read_jsonl_lines(path)
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path} is not UTF-8 text: {exc}. Convert it to UTF-8 JSON lines.") from exc
+
+
+def _read_jsonl_lines(path: Path) -> list[str]:
     docs: list[str] = []
     with path.open(encoding="utf-8") as handle:
         for lineno, line in enumerate(handle, 1):

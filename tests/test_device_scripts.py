@@ -1,0 +1,49 @@
+"""scripts/device/junit_summary.py: the GPU test record is built from junit files and extended across sessions."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).parents[1] / "scripts" / "device" / "junit_summary.py"
+
+XML = """<?xml version="1.0"?><testsuites><testsuite name="pytest">
+<testcase classname="tests.test_a" name="test_one" time="1.5"/>
+<testcase classname="tests.test_a" name="test_two" time="1,5"><failure message="boom"/></testcase>
+</testsuite></testsuites>"""
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True)
+
+
+def test_record_is_extended_with_base_and_keeps_its_fields(tmp_path):
+    xml = tmp_path / "a.xml"
+    xml.write_text(XML)
+    first = tmp_path / "first.json"
+    assert _run("--out", first, "--meta", "gpu=H200", "--note", "first", f"c1:s1:{xml}").returncode == 0
+    rec = json.loads(first.read_text())
+    assert rec["summary_last_outcome"] == {"passed": 1, "failed": 1} and rec["gpu"] == "H200"
+    xml.write_text(XML.replace('<failure message="boom"/>', ""))
+    second = tmp_path / "second.json"
+    assert _run("--base", first, "--out", second, f"c2:s2:{xml}").returncode == 0
+    rec = json.loads(second.read_text())
+    assert rec["gpu"] == "H200" and rec["note"] == "first"  # carried over
+    assert rec["summary_last_outcome"] == {"passed": 2} and rec["runs"] == [f"c1:s1:{xml}", f"c2:s2:{xml}"]
+    two = next(t for t in rec["tests"] if t["test"].endswith("test_two"))
+    assert two["history"] == ["s1@c1: failed", "s2@c2: passed"] and two["commit"] == "c2"
+
+
+def test_bad_base_and_out_are_named(tmp_path):
+    xml = tmp_path / "a.xml"
+    xml.write_text(XML)
+    for content in ('{"runs": "abc", "tests": []}', '{"runs": [], "tests": [{"test": "x"}]}', "[1]", "not json"):
+        base = tmp_path / "base.json"
+        base.write_text(content)
+        r = _run("--base", base, "--out", tmp_path / "o.json", f"c:r:{xml}")
+        assert r.returncode == 2 and "--base" in r.stderr and "Traceback" not in r.stderr
+    r = _run("--out", tmp_path / "missing" / "o.json", f"c:r:{xml}")
+    assert r.returncode == 2 and "--out" in r.stderr
+    assert not (tmp_path / "o.json").exists()
