@@ -30,8 +30,9 @@ def _torchrun(*args, port):
 
 @pytest.mark.slow
 def test_fsdp2_two_processes_match_one(tiny_teacher_dir, data_file, tmp_path):  # noqa: F811
-    """1 process, 2 FSDP2 processes, 1 process with 2 accumulated micro-batches and 2 processes with 2 each
-    (FSDP2 gradient reduction only after the last one): the same losses, gradient norms and weights."""
+    """1 process, 2 FSDP2 processes, 1 process with 2 accumulated micro-batches, 2 processes with 2 each
+    (FSDP2 gradient reduction only after the last one) and 2 processes keeping the gathered weights from
+    forward to backward (--no-fsdp-reshard): the same losses, gradient norms and weights."""
     single = tmp_path / "single"
     _run([sys.executable, str(WORKER), str(tiny_teacher_dir), str(data_file), str(single)])
     others = {
@@ -39,6 +40,8 @@ def test_fsdp2_two_processes_match_one(tiny_teacher_dir, data_file, tmp_path):  
         "accum": [sys.executable, str(WORKER), str(tiny_teacher_dir), str(data_file), str(tmp_path / "accum"), "2"],
         "sharded_accum": _torchrun(str(WORKER), str(tiny_teacher_dir), str(data_file), str(tmp_path / "sharded_accum"), "2",
                                    port=29518),
+        "sharded_keep": _torchrun(str(WORKER), str(tiny_teacher_dir), str(data_file), str(tmp_path / "sharded_keep"), "1",
+                                  "keep", port=29519),
     }
     wa = load_file(str(single / "stage2" / "model" / "model.safetensors"))
     for name, cmd in others.items():

@@ -304,6 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--grad-accum", type=_positive_int, default=d.grad_accum,
                    help="gradient accumulation: micro-batches per optimizer step in each process (each stage's batch per "
                         "process must split evenly); same result, less activation memory")
+    c.add_argument("--no-fsdp-reshard", dest="fsdp_reshard_after_forward", action="store_false",
+                   help="under torchrun (FSDP2): keep each layer's gathered weights from its forward to its backward "
+                        "(one all-gather fewer per layer and step; more memory); default: free them after the forward")
     c.add_argument("--checkpoint-every", type=_positive_int, default=d.checkpoint_every,
                    help="optimizer steps between resumable checkpoints")
     c.add_argument("--collapse-threshold", type=float, default=d.collapse_threshold,

@@ -164,7 +164,7 @@ def run_stage1(teacher, train_data: torch.Tensor, run_dir, settings: TrainSettin
         + mixing_flops_per_token(["lightning"] * len(mixers), config.num_attention_heads, config.head_dim,
                                  settings.seq_len, config.lightning_chunk_size)
     )
-    shard_modules(list(mixers))
+    shard_modules(list(mixers), reshard_after_forward=settings.reshard_after_forward)
     params = {f"layers.{i}.{k}": p for i, m in enumerate(mixers) for k, p in m.named_parameters()}
     # per-layer losses of the last step's micro-batches (one entry per micro-batch with --grad-accum)
     recent: deque[list[float]] = deque(maxlen=settings.grad_accum)

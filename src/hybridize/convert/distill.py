@@ -95,7 +95,7 @@ def _distill(stage, teacher, student, tokenizer, data, settings, inputs, seed, l
         flops += forward_flops_per_token(teacher, settings.seq_len)
     params_before = trainable_parameters(student)  # freezes embeddings / head before sharding
     frozen = {p for p in student.parameters() if not p.requires_grad}
-    shard_modules(list(student.model.layers), student.model, ignored=frozen)
+    shard_modules(list(student.model.layers), student.model, ignored=frozen, reshard_after_forward=settings.reshard_after_forward)
     params = {name: p for name, p in student.named_parameters() if name in params_before}
 
     def kl_loss(batch):

@@ -82,20 +82,24 @@ def context() -> DistContext:
     return DistContext(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def shard_modules(units: list[nn.Module], root: nn.Module | None = None, ignored: set | None = None) -> None:
+def shard_modules(
+    units: list[nn.Module], root: nn.Module | None = None, ignored: set | None = None, reshard_after_forward: bool = True
+) -> None:
     """FSDP2-shard each module of ``units`` (e.g. decoder layers), then ``root``; no-op in one process.
 
     ``ignored`` parameters (e.g. frozen, tied embeddings and LM head, used outside ``root``'s forward)
-    stay whole on every rank.
+    stay whole on every rank. ``reshard_after_forward`` (FSDP2's option of the same name): True frees each
+    unit's gathered weights after its forward and gathers them again for the backward (least memory); False
+    keeps them until the backward (one all-gather fewer per unit and step, the whole weights on every rank).
     """
     if not context().enabled:
         return
     from torch.distributed.fsdp import fully_shard
 
     for unit in units:
-        fully_shard(unit, ignored_params=ignored)
+        fully_shard(unit, ignored_params=ignored, reshard_after_forward=reshard_after_forward)
     if root is not None:
-        fully_shard(root, ignored_params=ignored)
+        fully_shard(root, ignored_params=ignored, reshard_after_forward=reshard_after_forward)
 
 
 def set_gradient_sync(modules: list[nn.Module], enabled: bool) -> None:

@@ -72,6 +72,7 @@ class ConvertOptions:
     eval_passkey_trials: int = 10
     checkpoint_every: int = 20
     grad_accum: int = 1
+    fsdp_reshard_after_forward: bool = True
     device: str | None = None
     seed: int = 0
     threads: int | None = None
@@ -108,7 +109,8 @@ def final_model_dir(run_dir: Path) -> Path:
 
 
 def _settings(opts: ConvertOptions, stage: str) -> TrainSettings:
-    common = {"checkpoint_every": opts.checkpoint_every, "grad_accum": opts.grad_accum}
+    common = {"checkpoint_every": opts.checkpoint_every, "grad_accum": opts.grad_accum,
+              "reshard_after_forward": opts.fsdp_reshard_after_forward}
     if stage == "stage1":
         return TrainSettings(opts.stage1_tokens, opts.seq_len, opts.stage1_batch, opts.stage1_lr, opts.stage1_lr_final, **common)
     if stage == "stage2":

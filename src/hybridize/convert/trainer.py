@@ -36,6 +36,8 @@ class TrainSettings:
             ``batch_size / world_size`` rows split into this many forward/backward passes, interleaved as the
             rows are over processes, so 1 process with ``grad_accum = N`` computes what N processes do); the
             step, its loss and its gradient are those of the whole batch. Lowers activation memory.
+        reshard_after_forward: under FSDP2, free each layer's gathered weights after its forward (True, least
+            memory) or keep them for the backward (False, fewer all-gathers); no effect in one process.
     """
 
     tokens: int
@@ -47,6 +49,7 @@ class TrainSettings:
     checkpoint_every: int = 20
     grad_clip: float | None = 1.0
     grad_accum: int = 1
+    reshard_after_forward: bool = True
 
 
 @dataclass
