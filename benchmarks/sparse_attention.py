@@ -1,6 +1,7 @@
 """Benchmark one SALA-shaped InfLLM-V2 sparse attention layer against dense SDPA on one GPU (issue 5).
 
-Shape: 32 query heads, 2 KV heads, head dim 128, bf16, batch 1, default sparse config (kernel 32 / stride 16,
+Shape: 32 query heads, 2 KV heads (``--heads`` / ``--kv-heads`` change them, e.g. 32 / 8 for the Qwen3-8B shape
+of ``hybridize bench``'s sala-8b preset), head dim 128, bf16, batch 1, default sparse config (kernel 32 / stride 16,
 64-token blocks, 1 init block, 2048-token window, top-64; ``dense_len`` is irrelevant here: every measured
 length is far above it, and the sparse ops are called directly). For each context length it times, each
 candidate separately and in the same run:
@@ -79,7 +80,8 @@ from hybridize.ops.sparse_attention import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-HEADS, KV_HEADS, HEAD_DIM = 32, 2, 128
+SALA_HEADS, SALA_KV_HEADS, HEAD_DIM = 32, 2, 128
+HEADS, KV_HEADS = SALA_HEADS, SALA_KV_HEADS  # the shape of this run (main sets them from --heads / --kv-heads)
 DEFAULT_SIZES = "32768,131072,262144,524288,1048576"
 
 
@@ -480,6 +482,7 @@ def _print_table(rows: list[dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global HEADS, KV_HEADS  # --heads / --kv-heads set the shape every measurement uses
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default=DEFAULT_SIZES, help="comma-separated context lengths (tokens)")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per measurement (1 above ~1 s)")
@@ -493,6 +496,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-triton-selection", action="store_true", help="skip the fused Triton scoring candidate"
     )
+    parser.add_argument("--heads", type=int, default=SALA_HEADS, help="query heads (SALA: 32; Qwen3-8B: 32)")
+    parser.add_argument("--kv-heads", type=int, default=SALA_KV_HEADS, help="KV heads (SALA: 2; Qwen3-8B: 8)")
     parser.add_argument("--chunk", type=int, default=16384,
                         help="queries per chunk of the model-like chunked prefill measurement (0: skip it)")
     parser.add_argument("--out", default=str(ROOT / "runs" / "sparse_attention.json"),
@@ -510,6 +515,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--sizes takes comma-separated token counts, e.g. 32768,131072; got {args.sizes!r}")
     if not sizes or min(sizes) < 1:
         parser.error(f"--sizes needs at least one context length >= 1 token, got {args.sizes!r}")
+    if args.heads < 1 or args.kv_heads < 1 or args.heads % args.kv_heads:
+        parser.error(f"--heads ({args.heads}) must be a positive multiple of --kv-heads ({args.kv_heads})")
+    HEADS, KV_HEADS = args.heads, args.kv_heads
     if args.chunk < 0:
         parser.error(f"--chunk must be >= 0 queries (0 skips the chunked measurement), got {args.chunk}")
     if args.score_elements < 1:

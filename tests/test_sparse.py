@@ -577,14 +577,48 @@ def test_nsa_supported_names_what_does_not_fit(monkeypatch):
     from hybridize.ops import backend
     from hybridize.ops import sparse_attention as sa
 
-    assert "power of two >= 16" in sa.nsa_supported(9, 3, 64)  # SmolLM2's group of 3
-    assert "power of two >= 16" in sa.nsa_supported(48, 2, 64)  # 24
     assert "head_dim <= 256" in sa.nsa_supported(32, 2, 512)
     assert "do not split" in sa.nsa_supported(32, 3, 128)
+    assert [sa.nsa_group(g) for g in (1, 3, 4, 16, 24, 32)] == [16, 16, 16, 16, 32, 32]
     monkeypatch.setattr(backend, "fla_available", lambda: False)
     assert "not installed" in sa.nsa_supported(32, 2, 128)  # SALA's shape, without fla
-    with pytest.raises(ValueError, match="power of two"):
+    with pytest.raises(ValueError, match="not installed"):
         sa.sparse_attention_nsa(*_qkv(1, 9, 3, 40, d=16)[:3], torch.zeros(1, 3, 40, 2, dtype=torch.long), 16)
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(32, 2), (8, 2), (9, 3), (48, 2)])
+def test_nsa_call_pads_the_query_group_to_the_kernels_tile(monkeypatch, heads, kv_heads):
+    """Groups that are not a power of two >= 16 (Qwen3-8B's 4, SmolLM2's 3, 24) run with zero query rows up to
+    nsa_group(g); the result is the reference's. fla's kernel is replaced by a stand-in that enforces its
+    shape rule and computes the same attention (the real one runs only on a GPU: tests/test_sparse_gpu.py)."""
+    import sys
+    import types
+
+    from hybridize.ops import backend
+    from hybridize.ops import sparse_attention as sa
+
+    seen = []
+
+    def parallel_nsa(q, k, v, *, block_indices, block_counts, block_size, scale):
+        g = q.shape[2] // k.shape[2]
+        assert g >= 16 and g & (g - 1) == 0, "Group size (HQ/H) must be a power of 2 and >= 16 in NSA"
+        assert block_indices.shape == (*q.shape[:2], k.shape[2], block_counts)
+        seen.append(q.shape[2])
+        cfg = SparseConfig(block_size=block_size, kernel_size=8, kernel_stride=4, window_size=32, topk=2, dense_len=0)
+        out = sa.sparse_attention_ref(q.transpose(1, 2).float(), k.transpose(1, 2).float(), v.transpose(1, 2).float(),
+                                      cfg, scale=scale, indices=block_indices.transpose(1, 2))
+        return out.transpose(1, 2).to(q.dtype)
+
+    monkeypatch.setitem(sys.modules, "fla.ops.nsa", types.SimpleNamespace(parallel_nsa=parallel_nsa))
+    monkeypatch.setattr(backend, "fla_available", lambda: True)
+    cfg = SparseConfig(kernel_size=8, kernel_stride=4, block_size=16, window_size=32, topk=2, dense_len=0)
+    q, k, v = _qkv(1, heads, kv_heads, 150, d=16)[:3]
+    for qq in (q, q[:, :, -37:]):  # a full prefill and a chunk over a cache
+        idx = sa.select_block_indices(qq, k, cfg)
+        out = sa.sparse_attention_nsa(qq, k, v, idx, 16)
+        ref = sa.sparse_attention_ref(qq, k, v, cfg, indices=idx)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert seen == [kv_heads * sa.nsa_group(heads // kv_heads)] * 2
 
 
 @pytest.mark.parametrize("behaviour, ok", [("right", True), ("wrong", False), ("raise", False)])

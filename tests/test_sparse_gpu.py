@@ -188,6 +188,22 @@ def test_nsa_matches_reference_bf16(t, tk):
     assert sa.nsa_mismatch(q.device, q.dtype, 32, 2, 128, SALA_SPARSE) is None
 
 
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(32, 8, 128), (9, 3, 64), (48, 2, 64)])
+@pytest.mark.parametrize("t, tk", [(711, 711), (300, 9000)])
+def test_nsa_with_a_padded_query_group_matches_reference_bf16(heads, kv_heads, head_dim, t, tk):
+    """Groups the kernel's tiles do not take (Qwen3-8B's 4, SmolLM2's 3, 24) run with zero query rows padded in."""
+    why = sa.nsa_supported(heads, kv_heads, head_dim)
+    if why is not None:
+        pytest.skip(why)
+    q, k, v = _qkv(heads, kv_heads, t, head_dim, tk=tk, seed=t + heads)
+    idx = select_block_indices(q, k, SALA_SPARSE)
+    ref = sparse_attention_ref(q.float(), k.float(), v.float(), SALA_SPARSE, indices=idx)
+    out = sparse_attention_nsa(q, k, v, idx, 64)
+    assert out.shape == q.shape and torch.isfinite(out).all()
+    assert rel_err(out, ref) < BF16_TOL
+    assert sa.nsa_mismatch(q.device, q.dtype, heads, kv_heads, head_dim, SALA_SPARSE) is None
+
+
 def test_reference_backward_on_gpu():
     q, k, v = (x.float().requires_grad_(True) for x in _qkv(8, 2, 3000, 64, seed=5))
     sparse_attention(q, k, v, SparseConfig(window_size=256, topk=4, dense_len=0)).square().sum().backward()

@@ -58,8 +58,8 @@ Implementations of the attention over a selection:
   token and the BlockMask is exactly the token's selection (the InfLLM-V2 kernel's layout).
 
 * :func:`sparse_attention_nsa` -- fla's NSA selected-block attention kernel (``fla.ops.nsa.parallel_nsa``;
-  one 16-row query-head tile per token, looping over its selected blocks; CUDA, query groups of a power of
-  two >= 16, e.g. SALA's 32 query / 2 KV heads).
+  one 16-row query-head tile per token, looping over its selected blocks; CUDA; SALA's 32 query / 2 KV heads
+  fit its tiles exactly, smaller groups such as Qwen3-8B's 4 are padded with zero queries).
 
 :func:`sparse_attention` dispatches between them (and to dense SDPA below ``dense_len``).
 
@@ -987,13 +987,17 @@ def sparse_attention_flex(
     return o.reshape(b, hq, tq, d)
 
 
+def nsa_group(group: int) -> int:
+    """The query group fla's NSA kernel runs for a GQA group of ``group`` heads: ``group`` itself when it is a
+    power of two >= 16 (the kernel's tile rule), else the next such size (the extra rows are zero queries)."""
+    return max(16, 1 << (group - 1).bit_length())
+
+
 def nsa_supported(heads: int, kv_heads: int, head_dim: int) -> str | None:
-    """None when fla's NSA kernel takes this attention shape, else why not (one line)."""
+    """None when fla's NSA kernel can run this attention shape (any GQA group: :func:`nsa_group` pads it),
+    else why not (one line)."""
     if kv_heads < 1 or heads % kv_heads:
         return f"{heads} query heads do not split over {kv_heads} KV heads"
-    g = heads // kv_heads
-    if g < 16 or g & (g - 1):
-        return f"NSA kernels need a query group (heads / kv_heads) that is a power of two >= 16, got {g}"
     if head_dim > 256:
         return f"NSA kernels take head_dim <= 256, got {head_dim}"
     from . import backend  # looked up on each call (tests replace it)
@@ -1015,15 +1019,17 @@ def sparse_attention_nsa(
     """Block-sparse attention over a selection through fla's NSA selected-block kernel (``parallel_nsa`` with
     the selection passed as ``block_indices``; no compressed or sliding-window branch).
 
-    The kernel keeps the 16+ query heads of a GQA group as the rows of one tile per token and loops over the
+    The kernel keeps the query heads of a GQA group as the rows of one tile per token (a power of two >= 16 of
+    them: a smaller or other group, e.g. Qwen3-8B's 4, is padded with zero queries to :func:`nsa_group` rows,
+    whose outputs are dropped; the padding costs compute, as FlexAttention's 16-row tiles do) and loops over the
     token's listed blocks, skipping -1 entries and blocks that start after the token, with the causal mask
     inside its own block: the semantics of :func:`sparse_attention_ref` for a selection that lists the
     query's own block (every selection of :func:`select_block_indices` does). Queries are the last ``Tq`` of
     the ``Tk`` positions (prefill over a cache). Differentiable (fla's backward).
 
     Args:
-        q: ``[B, Hq, Tq, d]``; k, v: ``[B, Hkv, Tk, d]`` (CUDA, 16-bit or fp32); ``Hq / Hkv`` a power of two
-            >= 16; ``d <= 256``.
+        q: ``[B, Hq, Tq, d]``; k, v: ``[B, Hkv, Tk, d]`` (CUDA, 16-bit or fp32); ``Hkv`` divides ``Hq``;
+            ``d <= 256``.
         indices: ``[B, Hkv, Tq, K]`` int64 from :func:`select_block_indices`.
         block_size: tokens per block (fla's ``block_size``).
         scale: softmax scale (default ``d ** -0.5``).
@@ -1044,12 +1050,21 @@ def sparse_attention_nsa(
         raise ValueError(why)
     from fla.ops.nsa import parallel_nsa
 
+    b, hq, tq, d = q.shape
+    hkv = k.shape[1]
+    g = hq // hkv
+    gp = nsa_group(g)
+    if gp != g:  # zero query rows up to the kernel's group size, per KV head
+        q = F.pad(q.reshape(b, hkv, g, tq, d), (0, 0, 0, 0, 0, gp - g)).reshape(b, hkv * gp, tq, d)
     o = parallel_nsa(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
         block_indices=indices.transpose(1, 2).contiguous(), block_counts=indices.shape[-1],
-        block_size=block_size, scale=q.shape[3] ** -0.5 if scale is None else scale,
+        block_size=block_size, scale=d**-0.5 if scale is None else scale,
     )
-    return o.transpose(1, 2)
+    o = o.transpose(1, 2)
+    if gp != g:
+        o = o.reshape(b, hkv, gp, tq, d)[:, :, :g].reshape(b, hq, tq, d)
+    return o
 
 
 def _check_problem(device, dtype, heads: int, kv_heads: int, head_dim: int, cfg: SparseConfig, seed: int):
