@@ -51,43 +51,67 @@ def _git_commit() -> str | None:
         return None
 
 
-def _descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (Linux ``/proc``; empty elsewhere): torchrun starts each worker in a
-    session of its own, so a signal to the launcher's process group does not reach them."""
-    found, todo = [], [pid]
+def _stat(pid: int) -> tuple[int, int] | None:
+    """``(session id, start time)`` of a live process from ``/proc/<pid>/stat``; None when it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return int(fields[3]), int(fields[19])  # fields 6 and 22 of stat(5), after pid and (comm)
+
+
+def _descendants(pid: int) -> dict[int, tuple[int, int]]:
+    """Every live process below ``pid``, children of any of its threads (Linux ``/proc``; empty elsewhere), as
+    ``pid -> (session id, start time)``: torchrun starts each worker in a session of its own, so a signal to
+    the launcher's process group does not reach them."""
+    found: dict[int, tuple[int, int]] = {}
+    todo = [pid]
     while todo:
         parent = todo.pop()
-        try:
-            children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
-        except OSError:
-            continue
-        for child in map(int, children):
-            found.append(child)
-            todo.append(child)
+        for task in Path(f"/proc/{parent}/task").glob("*"):
+            try:
+                children = (task / "children").read_text().split()
+            except OSError:
+                continue
+            for child in map(int, children):
+                info = _stat(child)
+                if info is not None and child not in found:
+                    found[child] = info
+                    todo.append(child)
     return found
 
 
 def run_with_timeout(cmd: list[str], env: dict, log, timeout: float, grace: float = 30.0) -> int | str:
     """Run ``cmd`` (output to the open file ``log``); past ``timeout`` seconds stop it *and every process it
     started*: SIGTERM to the launcher (torchrun then stops its workers), up to ``grace`` seconds, then SIGKILL to
-    whatever is left. Returns the exit code, or ``"timeout"``. (Killing torchrun alone left its worker
-    training on the GPU and holding the run directory's lock, 2026-11-30.)"""
+    whatever is left: the processes found below it (checked by start time, so a reused pid is never hit) and
+    any process of their sessions (a worker whose parent died meanwhile). Returns the exit code, or
+    ``"timeout"``. (Killing torchrun alone left its worker training on the GPU and holding the run directory's
+    lock, 2026-11-30.)"""
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         return proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         pass
-    tree = _descendants(proc.pid)
+    tree = {proc.pid: _stat(proc.pid), **_descendants(proc.pid)}
     proc.send_signal(signal.SIGTERM)
     try:
         proc.wait(timeout=grace)
     except subprocess.TimeoutExpired:
         pass
-    for pid in [proc.pid, *tree, *_descendants(proc.pid)]:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+    tree.update(_descendants(proc.pid))
+    sessions = {info[0] for info in tree.values() if info is not None} - {os.getsid(0)}
+    for entry in Path("/proc").glob("[0-9]*"):  # the sessions' processes, orphans included
+        pid = int(entry.name)
+        info = _stat(pid)
+        if info is not None and info[0] in sessions and pid != os.getpid():
+            tree.setdefault(pid, info)
+    for pid, info in tree.items():
+        if info is not None and _stat(pid) == info:  # the same process, not a reused pid
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
     proc.wait()
     log.write(f"\n[fsdp_scaling] stopped after the --timeout of {timeout:.0f} s (with every process it started)\n")
     return "timeout"

@@ -309,6 +309,9 @@ def test_grad_accum_and_world_size_of_the_wrong_type_are_refused(monkeypatch, ca
     monkeypatch.setenv("WORLD_SIZE", "abc")
     code, err = _run_cli(capsys, "convert", "--data", str(data_file), "--out", str(tmp_path / "run"))
     assert code == 2 and "WORLD_SIZE='abc' is not an integer" in err
+    monkeypatch.setenv("WORLD_SIZE", "0")
+    code, err = _run_cli(capsys, "convert", "--data", str(data_file), "--out", str(tmp_path / "run"))
+    assert code == 2 and "WORLD_SIZE='0' is not an integer >= 1" in err
     assert not (tmp_path / "run").exists()
 
 

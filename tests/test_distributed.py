@@ -54,6 +54,8 @@ def test_fsdp2_two_processes_match_one(tiny_teacher_dir, data_file, tmp_path):  
             assert b["loss_curve"] == pytest.approx(a["loss_curve"], rel=1e-4, abs=1e-6), (name, stage)
             assert len(a["grad_norm_curve"]) == len(a["loss_curve"]) and min(a["grad_norm_curve"]) > 0
             assert b["grad_norm_curve"] == pytest.approx(a["grad_norm_curve"], rel=1e-4), (name, stage)  # global norm
+            if stage == "stage1":  # the last step's per-layer losses, over micro-batches and processes
+                assert b["per_layer_mse"] == pytest.approx(a["per_layer_mse"], rel=1e-4), name
         wb = load_file(str(other / "stage2" / "model" / "model.safetensors"))
         assert wa.keys() == wb.keys()
         for k in wa:
@@ -93,17 +95,23 @@ def _fsdp_scaling_module():
     return mod
 
 
-def test_fsdp_scaling_timeout_stops_the_launcher_and_its_workers(tmp_path):
+@pytest.mark.parametrize("launcher_kind", ["plain", "ignores_sigterm_spawns_from_a_thread"])
+def test_fsdp_scaling_timeout_stops_the_launcher_and_its_workers(tmp_path, launcher_kind):
     """Past --timeout the launcher and every process it started are stopped, also a worker in a session of its
-    own (as torchrun starts them: killing the launcher's group alone left one training and holding the lock)."""
+    own (as torchrun starts them: killing the launcher's group alone left one training and holding the lock),
+    started from another thread, under a launcher that ignores SIGTERM."""
     mod = _fsdp_scaling_module()
     pid_file = tmp_path / "worker.pid"
-    launcher = (
-        "import subprocess, sys, time\n"
+    start = (
         "w = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'], start_new_session=True)\n"
-        f"open({str(pid_file)!r}, 'w').write(str(w.pid))\n"
-        "time.sleep(120)\n"
+        f"    open({str(pid_file)!r}, 'w').write(str(w.pid))\n"
     )
+    if launcher_kind == "plain":
+        launcher = "import subprocess, sys, time\nif True:\n    " + start + "time.sleep(120)\n"
+    else:
+        launcher = ("import signal, subprocess, sys, threading, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+                    "def spawn():\n    " + start + "    time.sleep(120)\n"  # the thread lives on: its child stays its own
+                    "threading.Thread(target=spawn, daemon=True).start()\ntime.sleep(120)\n")
     log = tmp_path / "run.log"
     with log.open("w") as fh:
         assert mod.run_with_timeout([sys.executable, "-c", launcher], dict(os.environ), fh, timeout=3, grace=2) == "timeout"
@@ -111,7 +119,7 @@ def test_fsdp_scaling_timeout_stops_the_launcher_and_its_workers(tmp_path):
 
     def alive(pid):  # a killed child of an exited parent may linger as a zombie until init reaps it
         try:
-            return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
         except OSError:
             return False
 

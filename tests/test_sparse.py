@@ -613,12 +613,13 @@ def test_nsa_call_pads_the_query_group_to_the_kernels_tile(monkeypatch, heads, k
     monkeypatch.setattr(backend, "fla_available", lambda: True)
     cfg = SparseConfig(kernel_size=8, kernel_stride=4, block_size=16, window_size=32, topk=2, dense_len=0)
     q, k, v = _qkv(1, heads, kv_heads, 150, d=16)[:3]
-    for qq in (q, q[:, :, -37:]):  # a full prefill and a chunk over a cache
+    q_tokens_major = q.transpose(1, 2).contiguous().transpose(1, 2)  # [B, H, T, d] view of a [B, T, H, d] tensor
+    for qq in (q, q[:, :, -37:], q_tokens_major):  # a full prefill, a chunk over a cache, the model's layout
         idx = sa.select_block_indices(qq, k, cfg)
         out = sa.sparse_attention_nsa(qq, k, v, idx, 16)
         ref = sa.sparse_attention_ref(qq, k, v, cfg, indices=idx)
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    assert seen == [kv_heads * sa.nsa_group(heads // kv_heads)] * 2
+    assert seen == [kv_heads * sa.nsa_group(heads // kv_heads)] * 3
 
 
 @pytest.mark.parametrize("behaviour, ok", [("right", True), ("wrong", False), ("raise", False)])

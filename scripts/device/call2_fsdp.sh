@@ -16,12 +16,14 @@ LT=$(python3 -c 'print("".join("A" if i in (9, 16, 19, 21, 25, 26, 29) else "L" 
 export LT STAGE2_TOKENS=${STAGE2_TOKENS:-5242880}
 # FSDP_ENV: extra environment for every run, e.g. HYBRIDIZE_FORCE_REFERENCE=1 (pure-torch kernels)
 export FSDP_ENV=${FSDP_ENV:-}
+# FSDP_EXTRA: more convert flags for every run, e.g. --no-fsdp-reshard
+export FSDP_EXTRA=${FSDP_EXTRA:-}
 setsid nohup bash -c 'while [ ! -f $RES/bench.done ]; do sleep 2; done
   PER_RUN=$(( ($(cat /root/end_at) - $(date +%s) - 30) / 3 ))
   echo "fsdp starts $(date -u +%FT%TZ), $PER_RUN s per run"
   ${FSDP_ENV:+env $FSDP_ENV} python3 benchmarks/fsdp_scaling.py --gpus 2 --accum-check --fresh --timeout $PER_RUN \
     --out $RES/fsdp2_h200x2 --runs /root/fsdp_runs --commit $HYBRIDIZE_GIT_COMMIT -- --data /root/h200_train.jsonl \
     --layer-types $LT --seq-len 512 --stage1-tokens 983040 --stage1-batch 64 --stage2-tokens $STAGE2_TOKENS \
-    --stage2-batch 128 --no-eval --device cuda --checkpoint-every 1000
+    --stage2-batch 128 --no-eval --device cuda --checkpoint-every 1000 $FSDP_EXTRA
   touch $RES/fsdp.done' > $RES/logs/fsdp.log 2>&1 < /dev/null &
 WAIT_FOR=bench.done snapshot_when_done call2

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..layers.common import RotaryEmbedding
 from ..models import HybridConfig
-from .distributed import barrier, context, full_tensor, shard_modules
+from .distributed import all_reduce_mean, barrier, context, full_tensor, shard_modules
 from .flops import forward_flops_per_token, linear_flops_per_token, mixing_flops_per_token
 from .stage import StageDir, save_tensors_atomic
 from .trainer import TrainSettings, train
@@ -178,6 +178,8 @@ def run_stage1(teacher, train_data: torch.Tensor, run_dir, settings: TrainSettin
     result = train(stage1, params, loss_fn, train_data, settings, seed=seed, desc="stage1 align", flops_per_token=flops,
                    sync_modules=list(mixers))
     _save_mixers(mixers, stage1.path / MIXERS_FILE)
+    # the last step's per-layer losses: mean over its micro-batches and over the processes (collective)
+    per_layer_mse = all_reduce_mean(torch.tensor([sum(col) / len(col) for col in zip(*recent)])).tolist()
     return stage1.complete(
         {**inputs, "init": str(stage0.path)},
         tokens_seen=result.tokens_seen,
@@ -185,7 +187,7 @@ def run_stage1(teacher, train_data: torch.Tensor, run_dir, settings: TrainSettin
         extra={
             "loss": "MSE (mean over layers)",
             "loss_curve": result.losses,
-            "per_layer_mse": [sum(col) / len(col) for col in zip(*recent)],  # the last step's, over its micro-batches
+            "per_layer_mse": per_layer_mse,
             **result.metrics(),
             "settings": vars(settings),
         },

@@ -39,16 +39,19 @@ class DistContext:
 
 
 def env_world_size() -> int:
-    """Processes of this launch from ``$WORLD_SIZE`` (set by torchrun / accelerate); 1 when unset, empty or
-    below 1 (one process). Raises ValueError naming the variable when it is not an integer."""
+    """Processes of this launch from ``$WORLD_SIZE`` (set by torchrun / accelerate); 1 when unset or empty.
+    Raises ValueError naming the variable when it is not an integer >= 1."""
     raw = os.environ.get("WORLD_SIZE", "").strip()
     if not raw:
         return 1
     try:
-        return max(1, int(raw))
+        world = int(raw)
     except ValueError:
-        raise ValueError(f"WORLD_SIZE={raw!r} is not an integer: unset it, or launch with torchrun / accelerate "
-                         "launch, which set it") from None
+        world = 0
+    if world < 1:
+        raise ValueError(f"WORLD_SIZE={raw!r} is not an integer >= 1: unset it, or launch with torchrun / accelerate "
+                         "launch, which set it")
+    return world
 
 
 def init_distributed(device: str | None = None) -> DistContext:
@@ -127,7 +130,7 @@ def load_full_(param: torch.Tensor, full: torch.Tensor) -> None:
 
 
 def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
-    """Mean of a scalar tensor over ranks (itself in one process)."""
+    """Elementwise mean of a tensor over ranks (itself in one process); collective. fp32 on this rank's device."""
     if not context().enabled:
         return value
     v = value.detach().clone().float().to(context().device)

@@ -1054,17 +1054,19 @@ def sparse_attention_nsa(
     hkv = k.shape[1]
     g = hq // hkv
     gp = nsa_group(g)
-    if gp != g:  # zero query rows up to the kernel's group size, per KV head
-        q = F.pad(q.reshape(b, hkv, g, tq, d), (0, 0, 0, 0, 0, gp - g)).reshape(b, hkv * gp, tq, d)
+    qt = q.transpose(1, 2)  # fla's layout [B, T, H, d]
+    if gp != g:  # zero query rows up to the kernel's group size, per KV head, built in fla's layout (one copy)
+        padded = q.new_zeros(b, tq, hkv, gp, d)
+        padded[:, :, :, :g].copy_(q.reshape(b, hkv, g, tq, d).permute(0, 3, 1, 2, 4))  # a view for the usual layouts
+        qt = padded.view(b, tq, hkv * gp, d)
     o = parallel_nsa(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+        qt, k.transpose(1, 2), v.transpose(1, 2),
         block_indices=indices.transpose(1, 2).contiguous(), block_counts=indices.shape[-1],
         block_size=block_size, scale=d**-0.5 if scale is None else scale,
     )
-    o = o.transpose(1, 2)
     if gp != g:
-        o = o.reshape(b, hkv, gp, tq, d)[:, :, :g].reshape(b, hq, tq, d)
-    return o
+        o = o.view(b, tq, hkv, gp, d)[:, :, :, :g].reshape(b, tq, hq, d)
+    return o.transpose(1, 2)
 
 
 def _check_problem(device, dtype, heads: int, kv_heads: int, head_dim: int, cfg: SparseConfig, seed: int):
