@@ -64,12 +64,7 @@ def test_fsdp2_two_processes_match_one(tiny_teacher_dir, data_file, tmp_path):  
 
 def test_fsdp_scaling_script_refuses_bad_arguments(tmp_path):
     """benchmarks/fsdp_scaling.py: convert flags only after `--`, none of them --out, --out a directory."""
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location("fsdp_scaling", Path(__file__).parents[1] / "benchmarks" / "fsdp_scaling.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _fsdp_scaling_module()
     afile = tmp_path / "afile"
     afile.write_text("x")
     for argv in (["--gpus", "2", "--out", str(tmp_path / "o")],  # no --

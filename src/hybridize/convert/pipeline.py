@@ -168,14 +168,11 @@ def check_convert_options(opts: ConvertOptions, num_layers: int | None = None) -
         if isinstance(n, bool) or not isinstance(n, int) or n < 2:
             raise ValueError(f"{flag} must be an integer >= 2 (tokens; a 1-token sequence has no next token to "
                              f"train on), got {n!r}")
-    if isinstance(opts.grad_accum, bool) or not isinstance(opts.grad_accum, int) or opts.grad_accum < 1:
-        raise ValueError(f"--grad-accum must be an integer >= 1 (micro-batches per optimizer step), got {opts.grad_accum!r}")
     from .distributed import env_world_size
 
     world = env_world_size()
-    stages = [("stage1", opts.stage1_batch), ("stage2", opts.stage2_batch)] + ([("stage3", opts.stage3_batch)] if opts.stage3 else [])
-    for stage, batch in stages:
-        check_batch_split(TrainSettings(1, 2, batch, 1.0, 1.0, grad_accum=opts.grad_accum), world, stage)
+    for stage in ("stage1", "stage2", "stage3") if opts.stage3 else ("stage1", "stage2"):
+        check_batch_split(_settings(opts, stage), world, stage)  # also checks --grad-accum itself
     layer_types = given_layer_types(opts)
     if layer_types is not None and opts.num_attention is not None:
         kept = sum(t != "lightning" for t in layer_types)

@@ -119,11 +119,11 @@ def check_batch_split(settings: TrainSettings, world_size: int, stage: str) -> N
             f"{stage}: batch size {settings.batch_size} does not split over {world_size} processes; "
             f"set {batch_flag} to a multiple of the number of processes"
         )
-    if (settings.batch_size // world_size) % settings.grad_accum:
+    if (settings.batch_size // world_size) % accum:
         raise BudgetError(
             f"{stage}: each of the {world_size} process(es) takes {settings.batch_size // world_size} sequences per step, "
-            f"which do not split into --grad-accum {settings.grad_accum} micro-batches; set {batch_flag} to a multiple "
-            f"of {world_size * settings.grad_accum} (processes x --grad-accum) or change --grad-accum"
+            f"which do not split into --grad-accum {accum} micro-batches; set {batch_flag} to a multiple "
+            f"of {world_size * accum} (processes x --grad-accum) or change --grad-accum"
         )
 
 
