@@ -26,4 +26,12 @@ setsid nohup bash -c 'while [ ! -f $RES/bench.done ]; do sleep 2; done
     --layer-types $LT --seq-len 512 --stage1-tokens 983040 --stage1-batch 64 --stage2-tokens $STAGE2_TOKENS \
     --stage2-batch 128 --no-eval --device cuda --checkpoint-every 1000 $FSDP_EXTRA
   touch $RES/fsdp.done' > $RES/logs/fsdp.log 2>&1 < /dev/null &
+# GRAD_CHECK=1: on GPU 1, while the 1-GPU runs use GPU 0, benchmarks/stage2_gradient.py on the real teacher with
+# the stage-1 mixers of the first run (issue 7), done before the 2-GPU run starts
+if [ "${GRAD_CHECK:-0}" = 1 ]; then
+  setsid nohup bash -c 'for i in $(seq 400); do [ -f /root/fsdp_runs/1gpu/stage1/manifest.json ] && break; sleep 2; done
+    CUDA_VISIBLE_DEVICES=1 timeout 150 python3 benchmarks/stage2_gradient.py --teacher default --layer-types $LT \
+      --stage1 /root/fsdp_runs/1gpu --data /root/h200_train.jsonl --rows 16 --seq-len 512 \
+      --out $RES/stage2_gradient_real.json > $RES/stage2_gradient_real.log 2>&1' > /dev/null 2>&1 < /dev/null &
+fi
 WAIT_FOR=bench.done snapshot_when_done call2

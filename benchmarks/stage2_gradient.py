@@ -1,0 +1,264 @@
+"""Where the stage-2 distillation gradient's differences come from: repeatability, batch split, kernels, precision.
+
+Issue 7: on two H200s the first stage-2 gradient norm of a 1-GPU run with two accumulated micro-batches and of
+the 2-GPU FSDP2 run of the same rows differed by 23% although their first losses agreed to four digits. This
+script computes the stage-2 gradient (``KL(p_teacher || p_student)``, SPEC 2 stage 2, as
+:func:`hybridize.convert.distill._distill` does) of one batch, on one device, several ways, and records how far
+apart they are, per parameter:
+
+* ``repeat``: the same batch ``--repeats`` times (the first call at a shape includes Triton autotuning);
+* ``split``: two interleaved micro-batches (each loss halved) against the whole batch;
+* ``reference``: the pure-PyTorch reference ops (:func:`hybridize.ops.backend.force_reference`) against the
+  fast path;
+* ``fp32``: no bf16 autocast (the trainer's mode on CUDA is bf16 autocast) against bf16 autocast;
+* ``kernels``: each fast kernel alone (Lightning Attention, SDPA, the chunked KL), forward + backward three
+  times on the same random inputs of the model's shapes: bitwise equal or not.
+
+Relative differences are ``||a - b|| / ||b||`` over all trainable parameters (and the worst parameters by name);
+``cos`` is their cosine. Results go to ``--out`` (JSON) and stdout.
+
+    python benchmarks/stage2_gradient.py --teacher tiny --out stage2_gradient_tiny.json
+    python benchmarks/stage2_gradient.py --teacher default --data train.jsonl \\
+        --stage1 runs/1gpu --layer-types LLLLLLLLLALLLLLLALLALALLLAALLA --out stage2_gradient.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from hybridize.convert.align import MIXERS_FILE
+from hybridize.convert.distill import build_hybrid, trainable_parameters
+from hybridize.convert.losses import chunked_kl
+from hybridize.ops import backend
+
+TINY_SCHEDULE = "LALL"
+
+
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).resolve().parent, check=True).stdout.strip() or None
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def _schedule(letters: str) -> list[str]:
+    kinds = {"L": "lightning", "A": "attention"}
+    bad = sorted({c for c in letters if c not in kinds})
+    if bad:
+        raise SystemExit(f"--layer-types takes the letters L (Lightning) and A (attention), got {''.join(bad)!r}")
+    return [kinds[c] for c in letters]
+
+
+def load_models(args, device: torch.device):
+    """``(teacher, student, vocab_size)``: the tiny random Llama of ``tests/test_train_gpu.py`` or a real teacher,
+    and the stage-2 student built from it (stage-1 mixers from ``--stage1`` when given)."""
+    if args.teacher == "tiny":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        letters = args.layer_types or TINY_SCHEDULE
+        cfg = LlamaConfig(vocab_size=512, hidden_size=576, intermediate_size=512, num_hidden_layers=len(letters),
+                          num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=1024,
+                          tie_word_embeddings=True)
+        teacher, tokenizer = LlamaForCausalLM(cfg), None
+    else:
+        from hybridize.convert.teachers import load_teacher
+
+        teacher, tokenizer = load_teacher(None if args.teacher == "default" else args.teacher)
+        letters = args.layer_types
+        if not letters:
+            raise SystemExit("give --layer-types for a real teacher (one letter per layer, L or A)")
+    if len(letters) != teacher.config.num_hidden_layers:
+        raise SystemExit(f"--layer-types has {len(letters)} letters, the teacher has {teacher.config.num_hidden_layers} layers")
+    teacher = teacher.to(device).eval().requires_grad_(False)
+    mixers = None
+    if args.stage1 is not None:
+        mixers = args.stage1 / "stage1" / MIXERS_FILE if (args.stage1 / "stage1").is_dir() else args.stage1 / MIXERS_FILE
+        if not mixers.is_file():
+            raise SystemExit(f"--stage1: no {MIXERS_FILE} in {args.stage1} or its stage1/ (a finished stage 1 writes it)")
+    student = build_hybrid(teacher, _schedule(letters), mixers).to(device).train()
+    trainable_parameters(student)
+    return teacher, student, tokenizer, mixers
+
+
+def make_batch(args, tokenizer, vocab: int, device) -> torch.Tensor:
+    """``[rows, seq_len]`` int64 token ids: packed ``--data`` text, else uniform random ids (seed 1)."""
+    if args.data is not None:
+        from hybridize.data import load_texts
+        from hybridize.data.packing import document_separator_id, pack_sequences, tokenize_documents
+
+        docs = load_texts(args.data)[: 20 * args.rows]
+        rows = pack_sequences(tokenize_documents(docs, tokenizer), args.seq_len, document_separator_id(tokenizer),
+                              max_sequences=args.rows)
+        if rows.shape[0] < args.rows:
+            raise SystemExit(f"--data gives {rows.shape[0]} rows of {args.seq_len} tokens, --rows asks for {args.rows}")
+        return rows.to(device)
+    gen = torch.Generator().manual_seed(1)
+    return torch.randint(0, vocab, (args.rows, args.seq_len), generator=gen).to(device)
+
+
+def stage2_gradient(teacher, student, batch, micro: int = 1, autocast: bool = True) -> tuple[float, dict]:
+    """Loss (nats) and fp32 per-parameter gradients of the stage-2 KL on ``batch`` ``[B, T]``, as the trainer
+    computes them: ``micro`` interleaved micro-batches (rows ``j::micro``), each loss divided by ``micro``;
+    bf16 autocast on CUDA unless ``autocast`` is False."""
+    student.zero_grad(set_to_none=True)
+    total = 0.0
+    dev = batch.device.type
+    for j in range(micro):
+        part = batch[j::micro]
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=autocast and dev == "cuda"):
+            with torch.no_grad():
+                t_hidden = teacher.model(input_ids=part, use_cache=False).last_hidden_state
+            s_hidden = student.model(input_ids=part, use_cache=False).last_hidden_state
+            loss = chunked_kl(s_hidden, t_hidden, student.lm_head, teacher.lm_head) / micro
+        loss.backward()
+        total += float(loss.detach())
+    grads = {n: p.grad.detach().float().clone() for n, p in student.named_parameters() if p.grad is not None}
+    return total, grads
+
+
+def compare(a: dict, b: dict, worst: int = 6) -> dict:
+    """How far gradients ``a`` are from ``b``: whole-model relative difference, cosine, norms, bitwise equality
+    and the ``worst`` parameters by relative difference (with their norm in ``b``)."""
+    va = torch.cat([a[k].flatten() for k in b])
+    vb = torch.cat([b[k].flatten() for k in b])
+    per = {k: float((a[k] - b[k]).norm() / b[k].norm().clamp_min(1e-30)) for k in b}
+    top = sorted(per.items(), key=lambda kv: -kv[1])[:worst]
+    return {
+        "rel_diff": float((va - vb).norm() / vb.norm().clamp_min(1e-30)),
+        "cos": float((va.double() @ vb.double()) / (va.double().norm() * vb.double().norm()).clamp_min(1e-300)),
+        "norm_a": float(va.norm()),
+        "norm_b": float(vb.norm()),
+        "bitwise_equal": bool(torch.equal(va, vb)),
+        "worst": [{"param": k, "rel_diff": v, "norm_b": float(b[k].norm())} for k, v in top],
+    }
+
+
+def kernel_repeatability(student, batch, device) -> dict:
+    """Forward + backward of each fast kernel three times on the same random inputs of the model's shapes;
+    per kernel: whether outputs and input gradients were bitwise equal, and their largest relative difference."""
+    from hybridize.ops.attention import softmax_attention
+    from hybridize.ops.lightning import lightning_attention, lightning_log_decay
+
+    cfg = student.config
+    b, t = batch.shape
+    hq, hk = cfg.num_attention_heads, cfg.num_key_value_heads
+    d = cfg.hidden_size // hq
+    gen = torch.Generator(device=device).manual_seed(5)
+    out = {}
+
+    def rnd(*shape):
+        return torch.randn(*shape, device=device, generator=gen, dtype=torch.bfloat16)
+
+    def lightning(q, k, v):
+        return lightning_attention(q, k, v, lightning_log_decay(hq).to(device), check_decay=False)[0]
+
+    def sdpa(q, k, v):
+        return softmax_attention(q, k, v, None)
+
+    cases = {
+        "lightning_attention": (lightning, (rnd(b, t, hq, d), rnd(b, t, hq, d), rnd(b, t, hq, d))),
+        "sdpa_causal_gqa": (sdpa, (rnd(b, hq, t, d), rnd(b, hk, t, d), rnd(b, hk, t, d))),
+    }
+    head = student.lm_head
+
+    def kl(s, t_):
+        return chunked_kl(s, t_, head, head)
+
+    cases["chunked_kl"] = (kl, (rnd(b, t, cfg.hidden_size), rnd(b, t, cfg.hidden_size)))
+    for name, (fn, inputs) in cases.items():
+        results = []
+        for _ in range(3):
+            xs = [x.detach().clone().requires_grad_(i == 0 or name != "chunked_kl") for i, x in enumerate(inputs)]
+            y = fn(*xs)
+            g = torch.randn(y.shape, device=device, generator=torch.Generator(device=device).manual_seed(6)).to(y.dtype)
+            y.backward(g)
+            results.append([y.detach().float()] + [x.grad.float() for x in xs if x.grad is not None])
+        diffs = [max(float((r - s).norm() / s.norm().clamp_min(1e-30)) for r, s in zip(later, results[0]))
+                 for later in results[1:]]
+        out[name] = {"bitwise_equal": all(all(torch.equal(r, s) for r, s in zip(later, results[0])) for later in results[1:]),
+                     "max_rel_diff": max(diffs)}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--teacher", default="tiny",
+                   help="'tiny' (random 4-layer Llama of SmolLM2's widths), 'default' (the embedded teacher) or a path")
+    p.add_argument("--layer-types", default=None, help="one letter per layer: L (Lightning) or A (attention)")
+    p.add_argument("--stage1", type=Path, default=None, help="a run directory (or its stage1/) with the stage-1 mixers")
+    p.add_argument("--data", default=None, help="training text (as `hybridize convert --data`); default random ids")
+    p.add_argument("--rows", type=int, default=16, help="rows of the batch (even, for the split check)")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per row")
+    p.add_argument("--repeats", type=int, default=3, help="gradients of the same batch to compare (>= 2)")
+    p.add_argument("--skip", nargs="*", default=[], choices=["split", "reference", "fp32", "kernels"],
+                   help="checks to leave out")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", type=Path, default=None, help="JSON file for the results")
+    args = p.parse_args(argv)
+    if args.rows < 2 or args.rows % 2:
+        p.error(f"--rows must be an even number >= 2 (the split check halves the batch), got {args.rows}")
+    if args.seq_len < 2:
+        p.error(f"--seq-len must be >= 2, got {args.seq_len}")
+    if args.repeats < 2:
+        p.error(f"--repeats must be >= 2, got {args.repeats}")
+    try:
+        device = torch.device(args.device)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as exc:
+        p.error(f"--device {args.device!r} is not usable here: {exc}")
+
+    teacher, student, tokenizer, mixers = load_models(args, device)
+    batch = make_batch(args, tokenizer, teacher.config.vocab_size, device)
+    result = {
+        "benchmark": "benchmarks/stage2_gradient.py",
+        "command": shlex.join([sys.executable, *sys.argv]) if argv is None else shlex.join(["stage2_gradient.py", *argv]),
+        "git_commit": _git_commit(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "teacher": args.teacher,
+        "stage1_mixers": str(mixers) if mixers else None,
+        "batch": list(batch.shape),
+        "fast_backends": {"lightning": backend.lightning_backend(device)},
+    }
+    t0 = time.time()
+    calls = [stage2_gradient(teacher, student, batch) for _ in range(args.repeats)]
+    loss, base = calls[-1]
+    result["loss"] = [c[0] for c in calls]
+    result["grad_norm"] = [compare(c[1], base)["norm_a"] for c in calls]
+    result["repeat"] = [compare(c[1], base) for c in calls[:-1]]
+    if "split" not in args.skip:
+        result["split"] = compare(stage2_gradient(teacher, student, batch, micro=2)[1], base)
+    if "reference" not in args.skip:
+        with backend.force_reference():
+            ref_loss, ref = stage2_gradient(teacher, student, batch)
+        result["reference"] = {"loss": ref_loss, **compare(base, ref)}
+    if "fp32" not in args.skip:
+        f_loss, fp32 = stage2_gradient(teacher, student, batch, autocast=False)
+        result["fp32"] = {"loss": f_loss, **compare(base, fp32)}
+    if "kernels" not in args.skip and device.type == "cuda":
+        result["kernels"] = kernel_repeatability(student, batch, device)
+    result["seconds"] = round(time.time() - t0, 1)
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        raise SystemExit(main())
