@@ -39,16 +39,10 @@ from pathlib import Path
 
 import torch
 
+from hybridize.convert.stage import git_commit
+
 STAGES = ("stage1", "stage2")
 _OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
-
-
-def _git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 def _stat(pid: int) -> tuple[int, int] | None:
@@ -251,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "nccl": ".".join(map(str, torch.cuda.nccl.version())) if torch.cuda.is_available() else None,
-        "git_commit": args.commit or _git_commit(),
+        "git_commit": args.commit or git_commit(),
         "multicast_env": {k: os.environ.get(k) for k in _OFF},
         "runs": {},
     }

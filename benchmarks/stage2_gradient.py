@@ -11,8 +11,11 @@ apart they are, per parameter:
 * ``reference``: the pure-PyTorch reference ops (:func:`hybridize.ops.backend.force_reference`) against the
   fast path;
 * ``fp32``: no bf16 autocast (the trainer's mode on CUDA is bf16 autocast) against bf16 autocast;
-* ``kernels``: each fast kernel alone (Lightning Attention, SDPA, the chunked KL), forward + backward three
-  times on the same random inputs of the model's shapes: bitwise equal or not.
+* ``perturb``: without autocast (fp32), the gradient after multiplying every trainable weight by
+  ``1 + eps * N(0, 1)`` (``--perturb`` eps values) against the unperturbed one: how smooth the objective itself is,
+  whatever the arithmetic (weights restored afterwards);
+* ``kernels``: each op alone (Lightning Attention, softmax attention, the chunked KL) under bf16 autocast,
+  forward + backward three times on the same random inputs of the model's shapes: bitwise equal or not.
 
 Relative differences are ``||a - b|| / ||b||`` over all trainable parameters (and the worst parameters by name);
 ``cos`` is their cosine. Results go to ``--out`` (JSON) and stdout.
@@ -29,7 +32,6 @@ import contextlib
 import json
 import platform
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -39,17 +41,11 @@ import torch
 from hybridize.convert.align import MIXERS_FILE
 from hybridize.convert.distill import build_hybrid, trainable_parameters
 from hybridize.convert.losses import chunked_kl
+from hybridize.convert.stage import git_commit
+from hybridize.errors import HybridizeError
 from hybridize.ops import backend
 
 TINY_SCHEDULE = "LALL"
-
-
-def _git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).resolve().parent, check=True).stdout.strip() or None
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 def _schedule(letters: str) -> list[str]:
@@ -93,12 +89,13 @@ def load_models(args, device: torch.device):
 
 
 def make_batch(args, tokenizer, vocab: int, device) -> torch.Tensor:
-    """``[rows, seq_len]`` int64 token ids: packed ``--data`` text, else uniform random ids (seed 1)."""
-    if args.data is not None:
-        from hybridize.data import load_texts
+    """``[rows, seq_len]`` int64 token ids: packed ``--data`` text (the bundled corpus's training split for a real
+    teacher without ``--data``), or uniform random ids (seed 1) for the tiny model."""
+    if tokenizer is not None:
+        from hybridize.data import load_default_corpus, load_texts
         from hybridize.data.packing import document_separator_id, pack_sequences, tokenize_documents
 
-        docs = load_texts(args.data)[: 20 * args.rows]
+        docs = (load_texts(args.data) if args.data is not None else load_default_corpus().train)[: 20 * args.rows]
         rows = pack_sequences(tokenize_documents(docs, tokenizer), args.seq_len, document_separator_id(tokenizer),
                               max_sequences=args.rows)
         if rows.shape[0] < args.rows:
@@ -145,8 +142,30 @@ def compare(a: dict, b: dict, worst: int = 6) -> dict:
     }
 
 
+def weight_perturbation(teacher, student, batch, epsilons: list[float]) -> list[dict]:
+    """fp32 gradients (no autocast) after scaling each trainable weight by ``1 + eps * N(0, 1)`` (seed 3), compared
+    with the unperturbed fp32 gradient; the weights are restored afterwards, also on an error."""
+    params = [p for p in student.parameters() if p.requires_grad]
+    saved = [p.detach().clone() for p in params]
+    loss0, base = stage2_gradient(teacher, student, batch, autocast=False)
+    rows = []
+    try:
+        for eps in epsilons:
+            gen = torch.Generator(device=batch.device).manual_seed(3)
+            with torch.no_grad():
+                for p, s in zip(params, saved):
+                    p.copy_(s * (1 + eps * torch.randn(s.shape, generator=gen, device=s.device, dtype=s.dtype)))
+            loss, grads = stage2_gradient(teacher, student, batch, autocast=False)
+            rows.append({"eps": eps, "loss": loss, "loss_unperturbed": loss0, **compare(grads, base)})
+    finally:
+        with torch.no_grad():
+            for p, s in zip(params, saved):
+                p.copy_(s)
+    return rows
+
+
 def kernel_repeatability(student, batch, device) -> dict:
-    """Forward + backward of each fast kernel three times on the same random inputs of the model's shapes;
+    """Forward + backward of each op (bf16 autocast) three times on the same random inputs of the model's shapes;
     per kernel: whether outputs and input gradients were bitwise equal, and their largest relative difference."""
     from hybridize.ops.attention import softmax_attention
     from hybridize.ops.lightning import lightning_attention, lightning_log_decay
@@ -181,7 +200,8 @@ def kernel_repeatability(student, batch, device) -> dict:
         results = []
         for _ in range(3):
             xs = [x.detach().clone().requires_grad_(i == 0 or name != "chunked_kl") for i, x in enumerate(inputs)]
-            y = fn(*xs)
+            with torch.autocast(device.type, dtype=torch.bfloat16):  # as in training (the head stays fp32)
+                y = fn(*xs)
             g = torch.randn(y.shape, device=device, generator=torch.Generator(device=device).manual_seed(6)).to(y.dtype)
             y.backward(g)
             results.append([y.detach().float()] + [x.grad.float() for x in xs if x.grad is not None])
@@ -199,11 +219,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="'tiny' (random 4-layer Llama of SmolLM2's widths), 'default' (the embedded teacher) or a path")
     p.add_argument("--layer-types", default=None, help="one letter per layer: L (Lightning) or A (attention)")
     p.add_argument("--stage1", type=Path, default=None, help="a run directory (or its stage1/) with the stage-1 mixers")
-    p.add_argument("--data", default=None, help="training text (as `hybridize convert --data`); default random ids")
+    p.add_argument("--data", default=None, help="training text (as `hybridize convert --data`); default: the bundled "
+                   "corpus for a real teacher, random ids for the tiny model")
     p.add_argument("--rows", type=int, default=16, help="rows of the batch (even, for the split check)")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per row")
     p.add_argument("--repeats", type=int, default=3, help="gradients of the same batch to compare (>= 2)")
-    p.add_argument("--skip", nargs="*", default=[], choices=["split", "reference", "fp32", "kernels"],
+    p.add_argument("--perturb", nargs="*", type=float, default=[1e-5, 1e-4, 1e-3],
+                   help="relative weight perturbations of the perturb check (none: skip it)")
+    p.add_argument("--skip", nargs="*", default=[], choices=["split", "reference", "fp32", "perturb", "kernels"],
                    help="checks to leave out")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path, default=None, help="JSON file for the results")
@@ -212,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--rows must be an even number >= 2 (the split check halves the batch), got {args.rows}")
     if args.seq_len < 2:
         p.error(f"--seq-len must be >= 2, got {args.seq_len}")
+    if args.data is not None and args.teacher == "tiny":
+        p.error("--data needs a real --teacher (its tokenizer); the tiny model takes random token ids")
     if args.repeats < 2:
         p.error(f"--repeats must be >= 2, got {args.repeats}")
     try:
@@ -220,12 +245,15 @@ def main(argv: list[str] | None = None) -> int:
     except (RuntimeError, AssertionError) as exc:
         p.error(f"--device {args.device!r} is not usable here: {exc}")
 
-    teacher, student, tokenizer, mixers = load_models(args, device)
-    batch = make_batch(args, tokenizer, teacher.config.vocab_size, device)
+    try:
+        teacher, student, tokenizer, mixers = load_models(args, device)
+        batch = make_batch(args, tokenizer, teacher.config.vocab_size, device)
+    except HybridizeError as exc:  # a missing teacher or data file, unreadable text: named, no traceback
+        raise SystemExit(f"stage2_gradient.py: {exc}") from None
     result = {
         "benchmark": "benchmarks/stage2_gradient.py",
         "command": shlex.join([sys.executable, *sys.argv]) if argv is None else shlex.join(["stage2_gradient.py", *argv]),
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__,
         "teacher": args.teacher,
@@ -248,7 +276,9 @@ def main(argv: list[str] | None = None) -> int:
     if "fp32" not in args.skip:
         f_loss, fp32 = stage2_gradient(teacher, student, batch, autocast=False)
         result["fp32"] = {"loss": f_loss, **compare(base, fp32)}
-    if "kernels" not in args.skip and device.type == "cuda":
+    if "perturb" not in args.skip and args.perturb:
+        result["perturb"] = weight_perturbation(teacher, student, batch, args.perturb)
+    if "kernels" not in args.skip:
         result["kernels"] = kernel_repeatability(student, batch, device)
     result["seconds"] = round(time.time() - t0, 1)
     text = json.dumps(result, indent=1)

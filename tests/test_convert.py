@@ -774,3 +774,13 @@ def test_a_corrupt_checkpoint_names_the_file_and_the_fix(tmp_path, broken):
     with pytest.raises(ValueError, match="cannot read the checkpoint file") as info:
         stage.load_checkpoint(torch.optim.AdamW(w.parameters()))
     assert broken in str(info.value) and f"delete {stage.checkpoint_path}" in str(info.value)
+
+
+def test_git_commit_prefers_the_environment(monkeypatch):
+    """A tree copied to a GPU node may carry another commit's .git: HYBRIDIZE_GIT_COMMIT names the real one."""
+    from hybridize.convert.stage import git_commit
+
+    monkeypatch.setenv("HYBRIDIZE_GIT_COMMIT", "74d9855")
+    assert git_commit() == "74d9855"
+    monkeypatch.setenv("HYBRIDIZE_GIT_COMMIT", "unknown")  # what the device scripts set when no commit is given
+    assert git_commit() != "unknown"

@@ -134,3 +134,51 @@ def test_fsdp_scaling_refuses_bad_timeouts_and_old_runs(tmp_path):
     with pytest.raises(SystemExit):  # would resume the old run and report its figures
         mod.main(["--gpus", "2", "--out", str(tmp_path / "o"), "--runs", str(tmp_path / "runs"), "--", "--no-eval"])
     assert (tmp_path / "runs" / "1gpu" / "stage1").is_dir() and not (tmp_path / "o").exists()
+
+
+def _stage2_gradient_module():
+    import importlib.util
+
+    path = Path(__file__).parents[1] / "benchmarks" / "stage2_gradient.py"
+    spec = importlib.util.spec_from_file_location("stage2_gradient", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_stage2_gradient_script_on_cpu(tmp_path):
+    """benchmarks/stage2_gradient.py (issue 7's diagnosis) on the tiny model on CPU, where every op is
+    deterministic: repeats are bitwise equal, the split and the reference path agree to fp32 rounding, and the
+    comparison itself notices a changed gradient."""
+    mod = _stage2_gradient_module()
+    out = tmp_path / "g.json"
+    assert mod.main(["--device", "cpu", "--rows", "2", "--seq-len", "64", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["batch"] == [2, 64] and len(r["loss"]) == 3 and r["fast_backends"]["lightning"] == "reference"
+    assert all(x["bitwise_equal"] for x in r["repeat"])
+    assert r["split"]["rel_diff"] < 1e-5 and r["reference"]["rel_diff"] < 1e-5 and r["fp32"]["rel_diff"] < 1e-5
+    assert [x["eps"] for x in r["perturb"]] == [1e-5, 1e-4, 1e-3]
+    assert 0 < r["perturb"][0]["rel_diff"] < r["perturb"][-1]["rel_diff"]  # a larger perturbation moves it more
+    assert all(k["bitwise_equal"] for k in r["kernels"].values()) and set(r["kernels"]) == {
+        "lightning_attention", "sdpa_causal_gqa", "chunked_kl"}
+    a = {"w": torch.ones(4), "b": torch.ones(2)}
+    changed = mod.compare({"w": torch.ones(4), "b": torch.tensor([1.0, 2.0])}, a)
+    assert not changed["bitwise_equal"] and changed["worst"][0]["param"] == "b" and changed["rel_diff"] == pytest.approx(1 / 6**0.5)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--rows", "3"], "--rows must be an even number"),
+    (["--repeats", "1"], "--repeats must be >= 2"),
+    (["--seq-len", "1"], "--seq-len must be >= 2"),
+    (["--layer-types", "LXA"], "letters L (Lightning) and A"),
+    (["--teacher", "{tmp}/none"], "does not exist"),
+    (["--data", "x.jsonl"], "--data needs a real --teacher"),
+    (["--stage1", "{tmp}"], "no mixers.safetensors"),
+])
+def test_stage2_gradient_script_names_bad_arguments(tmp_path, capsys, argv, message):
+    mod = _stage2_gradient_module()
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    with pytest.raises(SystemExit) as exc:
+        mod.main(["--device", "cpu", "--rows", "2", "--seq-len", "8", *argv])
+    assert exc.value.code != 0
+    assert message in (str(exc.value.code) + capsys.readouterr().err)

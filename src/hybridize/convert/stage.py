@@ -41,7 +41,14 @@ log = logging.getLogger("hybridize")
 
 
 def git_commit() -> str | None:
-    """The git commit of the hybridize source tree, or None outside a git checkout."""
+    """The git commit of the hybridize source tree, or None outside a git checkout.
+
+    ``HYBRIDIZE_GIT_COMMIT`` (when set and not ``unknown``) takes precedence: a tree copied to another machine
+    (a GPU node, a container) may carry a ``.git`` of another commit, or none.
+    """
+    override = os.environ.get("HYBRIDIZE_GIT_COMMIT", "").strip()
+    if override and override != "unknown":
+        return override
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=5
