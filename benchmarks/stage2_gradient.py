@@ -78,6 +78,7 @@ def load_models(args, device: torch.device):
     if len(letters) != teacher.config.num_hidden_layers:
         raise SystemExit(f"--layer-types has {len(letters)} letters, the teacher has {teacher.config.num_hidden_layers} layers")
     teacher = teacher.to(device).eval().requires_grad_(False)
+    torch.manual_seed(args.seed)  # the stage-0 students' random output gates (without --stage1) come from it
     mixers = None
     if args.stage1 is not None:
         mixers = args.stage1 / "stage1" / MIXERS_FILE if (args.stage1 / "stage1").is_dir() else args.stage1 / MIXERS_FILE
@@ -221,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stage1", type=Path, default=None, help="a run directory (or its stage1/) with the stage-1 mixers")
     p.add_argument("--data", default=None, help="training text (as `hybridize convert --data`); default: the bundled "
                    "corpus for a real teacher, random ids for the tiny model")
+    p.add_argument("--seed", type=int, default=0, help="seed of the student's random initialisation (stage 0)")
     p.add_argument("--rows", type=int, default=16, help="rows of the batch (even, for the split check)")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per row")
     p.add_argument("--repeats", type=int, default=3, help="gradients of the same batch to compare (>= 2)")

@@ -137,6 +137,7 @@ def run_stage1(teacher, train_data: torch.Tensor, run_dir, settings: TrainSettin
         run_dir: the run directory.
         settings: stage-1 budget (SPEC: length 512, LR 1e-3 -> 1e-5 cosine; scaled down for CPU).
         inputs: description of the inputs for the manifest (teacher, data).
+        seed: seeds the stage-0 students' random initialisation and the stage-1 data order.
 
     Returns:
         the stage-1 manifest. Skips work already complete.
@@ -148,6 +149,10 @@ def run_stage1(teacher, train_data: torch.Tensor, run_dir, settings: TrainSettin
         log.info("stage1: complete, reusing %s", stage1.path)
         return stage1.manifest()
     teacher.requires_grad_(False).eval()
+    # The students' random parts (the Lightning output gates) come from ``seed`` here, not from whatever used the
+    # global generator before (building the default teacher from its GGUF initialises a model: a first run on a
+    # fresh machine then started stage 1 from other gates than every later run).
+    torch.manual_seed(seed)
     mixers, config = build_lightning_students(teacher)
     if not stage0.is_complete():
         stage0.begin()
