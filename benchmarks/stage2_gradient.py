@@ -28,11 +28,13 @@ Relative differences are ``||a - b|| / ||b||`` over all trainable parameters (an
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
+import os
+import math
 import platform
 import shlex
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -41,7 +43,7 @@ import torch
 from hybridize.convert.align import MIXERS_FILE
 from hybridize.convert.distill import build_hybrid, trainable_parameters
 from hybridize.convert.losses import chunked_kl
-from hybridize.convert.stage import git_commit
+from hybridize.convert.stage import atomic_write_text, git_commit
 from hybridize.errors import HybridizeError
 from hybridize.ops import backend
 
@@ -54,6 +56,22 @@ def _schedule(letters: str) -> list[str]:
     if bad:
         raise SystemExit(f"--layer-types takes the letters L (Lightning) and A (attention), got {''.join(bad)!r}")
     return [kinds[c] for c in letters]
+
+
+def _out_problem(out: Path) -> str | None:
+    """Why ``--out`` cannot be written (checked before the computation), or None."""
+    if str(out) == "" or out.is_dir():
+        return "is a folder"
+    parent = out.parent
+    while not parent.exists():  # the folders that would be created
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"{parent} is a file, not a folder"
+    try:  # the real test: a file can be created there (root passes os.access checks on /proc)
+        tempfile.TemporaryFile(dir=parent).close()
+    except OSError as exc:
+        return f"cannot write in {parent} ({exc.strerror})"
+    return None
 
 
 def load_models(args, device: torch.device):
@@ -96,9 +114,12 @@ def make_batch(args, tokenizer, vocab: int, device) -> torch.Tensor:
         from hybridize.data import load_default_corpus, load_texts
         from hybridize.data.packing import document_separator_id, pack_sequences, tokenize_documents
 
-        docs = (load_texts(args.data) if args.data is not None else load_default_corpus().train)[: 20 * args.rows]
-        rows = pack_sequences(tokenize_documents(docs, tokenizer), args.seq_len, document_separator_id(tokenizer),
-                              max_sequences=args.rows)
+        docs = load_texts(args.data) if args.data is not None else load_default_corpus().train
+        need, tokens, start = args.rows * (args.seq_len + 1), [], 0
+        while start < len(docs) and sum(len(t) + 1 for t in tokens) < need:  # tokenise only what the batch needs
+            tokens += tokenize_documents(docs[start : start + 64], tokenizer)
+            start += 64
+        rows = pack_sequences(tokens, args.seq_len, document_separator_id(tokenizer), max_sequences=args.rows)
         if rows.shape[0] < args.rows:
             raise SystemExit(f"--data gives {rows.shape[0]} rows of {args.seq_len} tokens, --rows asks for {args.rows}")
         return rows.to(device)
@@ -214,24 +235,26 @@ def kernel_repeatability(student, batch, device) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", default="tiny",
                    help="'tiny' (random 4-layer Llama of SmolLM2's widths), 'default' (the embedded teacher) or a path")
     p.add_argument("--layer-types", default=None, help="one letter per layer: L (Lightning) or A (attention)")
     p.add_argument("--stage1", type=Path, default=None, help="a run directory (or its stage1/) with the stage-1 mixers")
     p.add_argument("--data", default=None, help="training text (as `hybridize convert --data`); default: the bundled "
                    "corpus for a real teacher, random ids for the tiny model")
-    p.add_argument("--seed", type=int, default=0, help="seed of the student's random initialisation (stage 0)")
-    p.add_argument("--rows", type=int, default=16, help="rows of the batch (even, for the split check)")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per row")
-    p.add_argument("--repeats", type=int, default=3, help="gradients of the same batch to compare (>= 2)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the student's random initialisation (stage 0; default 0)")
+    p.add_argument("--rows", type=int, default=16, help="rows of the batch (even, for the split check; default 16)")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per row (default 512)")
+    p.add_argument("--repeats", type=int, default=3, help="gradients of the same batch to compare (>= 2; default 3)")
     p.add_argument("--perturb", nargs="*", type=float, default=[1e-5, 1e-4, 1e-3],
-                   help="relative weight perturbations of the perturb check (none: skip it)")
+                   help="relative weight perturbations of the perturb check, each > 0 (default 1e-5 1e-4 1e-3)")
     p.add_argument("--skip", nargs="*", default=[], choices=["split", "reference", "fp32", "perturb", "kernels"],
-                   help="checks to leave out")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", type=Path, default=None, help="JSON file for the results")
+                   help="checks to leave out (all run by default; see above)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where to compute: cuda (the fast kernels, bf16 autocast) or cpu (reference ops, fp32); "
+                        "default cuda when available")
+    p.add_argument("--out", type=Path, default=None,
+                   help="JSON file for the results (then stdout gets a short summary; without it, the JSON)")
     args = p.parse_args(argv)
     if args.rows < 2 or args.rows % 2:
         p.error(f"--rows must be an even number >= 2 (the split check halves the batch), got {args.rows}")
@@ -241,16 +264,26 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--data needs a real --teacher (its tokenizer); the tiny model takes random token ids")
     if args.repeats < 2:
         p.error(f"--repeats must be >= 2, got {args.repeats}")
+    if not all(math.isfinite(e) and 0 < e <= 1 for e in args.perturb):
+        p.error(f"--perturb takes relative perturbations in (0, 1], e.g. --perturb=1e-4; got {args.perturb}")
+    if not 0 <= args.seed < 2**63:
+        p.error(f"--seed must be in [0, 2**63), got {args.seed}")
+    if args.out is not None:
+        problem = _out_problem(args.out)
+        if problem:
+            p.error(f"--out {str(args.out)!r}: {problem}; give a JSON file path in a folder you can write")
     try:
         device = torch.device(args.device)
+        if device.type not in ("cpu", "cuda"):
+            raise RuntimeError(f"device type {device.type!r} is neither cpu nor cuda")
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as exc:
-        p.error(f"--device {args.device!r} is not usable here: {exc}")
+        p.error(f"--device {args.device!r} is not usable here: {exc}; use --device cpu or a visible cuda:<i>")
 
     try:
         teacher, student, tokenizer, mixers = load_models(args, device)
         batch = make_batch(args, tokenizer, teacher.config.vocab_size, device)
-    except HybridizeError as exc:  # a missing teacher or data file, unreadable text: named, no traceback
+    except HybridizeError as exc:  # a missing teacher, data or mixers file, unreadable text: named, no traceback
         raise SystemExit(f"stage2_gradient.py: {exc}") from None
     result = {
         "benchmark": "benchmarks/stage2_gradient.py",
@@ -275,22 +308,42 @@ def main(argv: list[str] | None = None) -> int:
         with backend.force_reference():
             ref_loss, ref = stage2_gradient(teacher, student, batch)
         result["reference"] = {"loss": ref_loss, **compare(base, ref)}
+        if result["fast_backends"]["lightning"] == "reference":
+            result["reference"]["note"] = ("no fla on this device: Lightning Attention runs its reference in both; only the "
+                                           "softmax attention differs (SDPA against the eager reference)")
     if "fp32" not in args.skip:
         f_loss, fp32 = stage2_gradient(teacher, student, batch, autocast=False)
         result["fp32"] = {"loss": f_loss, **compare(base, fp32)}
+        if device.type != "cuda":
+            result["fp32"]["note"] = "the trainer's bf16 autocast is CUDA-only: both gradients are fp32 here"
     if "perturb" not in args.skip and args.perturb:
         result["perturb"] = weight_perturbation(teacher, student, batch, args.perturb)
     if "kernels" not in args.skip:
         result["kernels"] = kernel_repeatability(student, batch, device)
     result["seconds"] = round(time.time() - t0, 1)
     text = json.dumps(result, indent=1)
-    print(text)
-    if args.out is not None:
+    if args.out is None:
+        print(text)
+        return 0
+    try:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+        atomic_write_text(args.out, text)
+    except OSError as exc:
+        raise SystemExit(f"stage2_gradient.py: cannot write --out {args.out}: {exc}") from None
+    print(f"loss {result['loss'][-1]:.5f}, gradient norm {result['grad_norm'][-1]:.4g}")
+    for name in ("repeat", "split", "reference", "fp32", "perturb"):
+        for row in (result[name] if isinstance(result.get(name), list) else [result[name]] if name in result else []):
+            label = f"{name} eps {row['eps']:g}" if "eps" in row else name
+            print(f"  {label:<18} relative difference {row['rel_diff']:.3g}, cosine {row['cos']:.4f}")
+    for name, row in result.get("kernels", {}).items():
+        print(f"  kernel {name:<20} {'bitwise equal' if row['bitwise_equal'] else 'max rel diff ' + format(row['max_rel_diff'], '.3g')}")
+    print(f"written to {args.out}")
     return 0
 
 
 if __name__ == "__main__":
-    with contextlib.suppress(KeyboardInterrupt):
+    try:
         raise SystemExit(main())
+    except KeyboardInterrupt:
+        print("stage2_gradient.py: interrupted, nothing written", file=sys.stderr)
+        raise SystemExit(130) from None

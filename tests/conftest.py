@@ -140,3 +140,14 @@ def tiny_mixed_hybrid(layer_types, sparse_config=TINY_SPARSE, seed: int = 0):
             if p.dim() == 1:
                 p.add_(0.1 * torch.randn_like(p))
     return model
+
+
+def benchmark_script(name: str):
+    """Import ``benchmarks/<name>.py`` (the scripts are not a package) as a module, for testing its ``main``."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", Path(__file__).parents[1] / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

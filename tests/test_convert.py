@@ -288,6 +288,52 @@ def test_gradient_accumulation_equals_the_whole_batch(tmp_path, did_backward):
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
 
 
+def test_profile_window_skips_warm_up_steps_and_fits_the_stage():
+    from hybridize.convert.trainer import profile_window
+
+    assert profile_window(0, 0, 40) is None and profile_window(3, 0, 1) is None
+    assert profile_window(3, 0, 40) == (3, 6)  # after the first 3 steps (autotuning, allocator warm-up)
+    assert profile_window(3, 10, 40) == (13, 16)  # counted from where a resumed run starts
+    assert profile_window(5, 0, 6) == (1, 6)  # short stage: from the second step, never past the last
+    assert profile_window(10, 0, 4) == (1, 4)
+
+
+def test_profile_steps_writes_the_profile_and_leaves_training_unchanged(tmp_path):
+    """--profile-steps 2: the profiled steps change no figure of the run; the profile's table, trace and
+    per-step summary are written (on CPU: CPU op times)."""
+    from hybridize.convert.trainer import TrainSettings, train
+
+    def run(name, profile_steps):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Embedding(50, 8), torch.nn.Linear(8, 50))
+        data = torch.randint(0, 50, (24, 6), generator=torch.Generator().manual_seed(1))
+
+        def loss_fn(batch):
+            logits = model(batch[:, :-1])
+            return torch.nn.functional.cross_entropy(logits.reshape(-1, 50), batch[:, 1:].reshape(-1))
+
+        settings = TrainSettings(6 * 8 * 6, 6, 8, 1e-2, 1e-3, warmup=1, profile_steps=profile_steps)
+        return train(StageDir(tmp_path, name), dict(model.named_parameters()), loss_fn, data, settings)
+
+    plain, profiled = run("plain", 0), run("profiled", 2)
+    assert plain.profile is None and "profile" not in plain.metrics()
+    assert profiled.losses == plain.losses and profiled.grad_norms == plain.grad_norms
+    p = profiled.metrics()["profile"]
+    assert p["steps"] == [4, 5] and p["busy_kind"] == "CPU ops" and p["wall_s_per_step"] > 0 and p["busy_s_per_step"] > 0
+    assert p["top_ops"] and all(o["s_per_step"] >= 0 for o in p["top_ops"])
+    table = (tmp_path / "profiled" / "profile_rank0.txt").read_text()
+    assert "aten::" in table
+    assert json.loads((tmp_path / "profiled" / "profile_rank0.json").read_text())["traceEvents"]
+
+
+def test_profile_steps_flag_is_checked(capsys):
+    from hybridize.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["convert", "--profile-steps", "-1", "--out", "x"])
+    assert exc.value.code == 2 and "--profile-steps" in capsys.readouterr().err
+
+
 def test_stage1_per_layer_mse_is_the_last_steps_mean_over_micro_batches(tiny_teacher_dir, data_file, tmp_path):
     run_convert(_opts(tiny_teacher_dir, data_file, tmp_path / "run", grad_accum=2))
     m = json.loads((tmp_path / "run" / "stage1" / "manifest.json").read_text())

@@ -47,3 +47,22 @@ def test_bad_base_and_out_are_named(tmp_path):
     r = _run("--out", tmp_path / "missing" / "o.json", f"c:r:{xml}")
     assert r.returncode == 2 and "--out" in r.stderr
     assert not (tmp_path / "o.json").exists()
+
+
+def test_tests_no_longer_in_the_suite_leave_the_summary(tmp_path):
+    """--tests-dir: a recorded test whose function was deleted moves to removed_tests, out of the totals."""
+    xml = tmp_path / "a.xml"
+    xml.write_text(XML)
+    suite = tmp_path / "suite"
+    suite.mkdir()
+    (suite / "test_a.py").write_text("def test_one():\n    pass\n")  # test_two was deleted
+    out = tmp_path / "o.json"
+    assert _run("--out", out, "--tests-dir", suite, f"c1:s1:{xml}").returncode == 0
+    rec = json.loads(out.read_text())
+    assert rec["summary_last_outcome"] == {"passed": 1} and [t["test"] for t in rec["tests"]] == ["tests.test_a::test_one"]
+    assert [t["test"] for t in rec["removed_tests"]] == ["tests.test_a::test_two"]
+    again = tmp_path / "again.json"  # kept when the record is extended later
+    assert _run("--base", out, "--out", again, "--tests-dir", suite, f"c2:s2:{xml}").returncode == 0
+    assert [t["test"] for t in json.loads(again.read_text())["removed_tests"]] == ["tests.test_a::test_two"]
+    r = _run("--out", out, "--tests-dir", tmp_path / "nope", f"c1:s1:{xml}")
+    assert r.returncode == 2 and "--tests-dir" in r.stderr

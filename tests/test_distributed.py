@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import benchmark_script
 from test_convert import data_file, tiny_teacher_dir  # noqa: F401  (fixtures)
 
 WORKER = Path(__file__).with_name("dist_convert_worker.py")
@@ -82,12 +83,7 @@ def test_fsdp_scaling_script_refuses_bad_arguments(tmp_path):
 
 
 def _fsdp_scaling_module():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("fsdp_scaling", Path(__file__).parents[1] / "benchmarks" / "fsdp_scaling.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return benchmark_script("fsdp_scaling")
 
 
 @pytest.mark.parametrize("launcher_kind", ["plain", "ignores_sigterm_spawns_from_a_thread"])
@@ -137,13 +133,7 @@ def test_fsdp_scaling_refuses_bad_timeouts_and_old_runs(tmp_path):
 
 
 def _stage2_gradient_module():
-    import importlib.util
-
-    path = Path(__file__).parents[1] / "benchmarks" / "stage2_gradient.py"
-    spec = importlib.util.spec_from_file_location("stage2_gradient", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return benchmark_script("stage2_gradient")
 
 
 def test_stage2_gradient_script_on_cpu(tmp_path):
@@ -182,3 +172,89 @@ def test_stage2_gradient_script_names_bad_arguments(tmp_path, capsys, argv, mess
         mod.main(["--device", "cpu", "--rows", "2", "--seq-len", "8", *argv])
     assert exc.value.code != 0
     assert message in (str(exc.value.code) + capsys.readouterr().err)
+
+
+def _runs_summary_module():
+    return benchmark_script("fsdp_runs_summary")
+
+
+RESULTS_74 = Path(__file__).parents[1] / "benchmarks" / "results" / "fsdp2_h200x2_74d9855"
+
+
+def test_fsdp_runs_summary_groups_runs_and_compares_with_the_run_to_run_spread(tmp_path):
+    """benchmarks/fsdp_runs_summary.py on the committed H200 runs: groups by process count and --grad-accum,
+    means, spreads and throughput ratios as recomputed here from the manifests."""
+    mod = _runs_summary_module()
+    out = tmp_path / "s"
+    assert mod.main(["--scaling", str(RESULTS_74 / "results.json"), "--run", f"r1={RESULTS_74 / 'runs' / '1gpu_repeat'}",
+                     "--run", f"r2={RESULTS_74 / 'runs' / '2gpu_repeat'}", "--out", str(out)]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert (out / "loss_curves.png").stat().st_size > 0
+    assert sorted(s["groups"]["1proc_accum1"]["runs"]) == ["1gpu", "r1"] and sorted(s["groups"]["2proc_accum1"]["runs"]) == ["2gpu", "r2"]
+    finals = [json.loads((RESULTS_74 / "runs" / r / "stage2" / "manifest.json").read_text())["final_loss"] for r in ("1gpu_repeat", "2gpu_repeat")]
+    scaling = json.loads((RESULTS_74 / "results.json").read_text())["runs"]
+    one = [scaling["1gpu"]["stages"]["stage2"]["final_loss"], finals[0]]
+    two = [scaling["2gpu"]["stages"]["stage2"]["final_loss"], finals[1]]
+    g2 = s["groups"]["2proc_accum1"]["stage2"]
+    assert g2["final_loss_spread"] == pytest.approx(max(two) - min(two))
+    d = s["group_differences"]["2proc_accum1_vs_1proc_accum1"]["stage2"]
+    assert d["final_loss_mean_diff"] == pytest.approx(sum(two) / 2 - sum(one) / 2)
+    assert d["within_noise"] == (abs(d["final_loss_mean_diff"]) <= max(g2["final_loss_spread"], s["groups"]["1proc_accum1"]["stage2"]["final_loss_spread"]))
+
+
+def test_fsdp_runs_summary_names_bad_runs_and_writes_nothing(tmp_path, capsys):
+    import shutil
+
+    mod = _runs_summary_module()
+    bad = tmp_path / "bad"
+    shutil.copytree(RESULTS_74 / "runs" / "1gpu_repeat", bad)
+    manifest = bad / "stage2" / "manifest.json"
+    m = json.loads(manifest.read_text())
+    good = RESULTS_74 / "runs" / "2gpu_repeat"
+    out = tmp_path / "out"
+    for change, message in (({"final_loss": None}, "final_loss is None"), ({"status": "failed"}, "not complete"),
+                            ({"world_size": "2"}, "world_size is '2'"), ({"loss_curve": []}, "loss_curve")):
+        manifest.write_text(json.dumps({**m, **change}))
+        assert mod.main(["--run", f"a={bad}", "--run", f"b={good}", "--out", str(out)]) == 1
+        assert message in capsys.readouterr().err and not out.exists()
+    manifest.write_text("{not json")
+    assert mod.main(["--run", f"a={bad}", "--run", f"b={good}", "--out", str(out)]) == 1
+    assert "cannot be read as JSON" in capsys.readouterr().err and not out.exists()
+    with pytest.raises(SystemExit):
+        mod.main(["--run", f"a={good}", "--run", f"b={good}", "--out", str(out)])
+    assert "counts once" in capsys.readouterr().err
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(SystemExit):
+        mod.main(["--run", f"a={good}", "--run", f"b={bad}", "--out", str(tmp_path / "f")])
+    assert "is a file" in capsys.readouterr().err
+
+
+def test_stage2_mixers_that_do_not_fit_are_named(tmp_path):
+    """build_hybrid with a damaged or foreign stage-1 mixers file: CheckpointFormatError naming the key."""
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hybridize.convert.align import build_lightning_students, mixers_state
+    from hybridize.convert.distill import build_hybrid
+    from hybridize.errors import CheckpointFormatError
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64)
+    teacher = LlamaForCausalLM(cfg)
+    mixers, _ = build_lightning_students(teacher)
+    tensors = {k: v.contiguous() for k, v in mixers_state(mixers).items()}
+    path = tmp_path / "mixers.safetensors"
+    save_file(tensors, str(path))
+    build_hybrid(teacher, ["lightning", "attention"], path)  # the right file loads
+    key = next(k for k in tensors if k.startswith("layers.0."))
+    cases = [({k: v for k, v in tensors.items() if k != key}, "is missing"),
+             ({**tensors, key: torch.zeros(3)}, "has shape (3,)"),
+             ({**tensors, "layers.7.q_proj.weight": torch.zeros(3)}, "do not belong to this teacher (2 layers)"),
+             ({**tensors, key: torch.full_like(tensors[key], float("nan"))}, "NaN")]
+    for content, message in cases:
+        save_file(content, str(path))
+        with pytest.raises(CheckpointFormatError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            build_hybrid(teacher, ["lightning", "attention"], path)
+    path.write_bytes(b"\x00" * 20)
+    with pytest.raises(CheckpointFormatError, match="cannot read the stage-1 mixers"):
+        build_hybrid(teacher, ["lightning", "attention"], path)

@@ -671,14 +671,11 @@ def test_sparse_prefill_choice_from_the_environment(monkeypatch):
 def test_sparse_benchmark_script_smoke_on_cpu(tmp_path):
     """benchmarks/sparse_attention.py runs end to end on CPU (tiny sizes) and records every section, the
     model-like chunked prefill included; bad flags are refused before anything runs."""
-    import importlib.util
     import json
-    from pathlib import Path
 
-    path = Path(__file__).parents[1] / "benchmarks" / "sparse_attention.py"
-    spec = importlib.util.spec_from_file_location("sparse_bench", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    from conftest import benchmark_script
+
+    mod = benchmark_script("sparse_attention")
     out = tmp_path / "r.json"
     for bad in (["--chunk", "-1"], ["--sizes", "x"], ["--repeats", "0"], ["--score-elements", "0"], ["--device", "xyz"]):
         with pytest.raises(SystemExit):

@@ -10,6 +10,7 @@ earlier record of this script (its tests, histories and runs), so a later sessio
 """
 import argparse
 import json
+import re
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -31,6 +32,17 @@ def outcomes(path: Path):
         except ValueError:  # a junit writer with another number format: the outcome still counts
             seconds = 0.0
         yield name, outcome, seconds, message
+
+
+def still_in_suite(name: str, tests_dir: Path) -> bool:
+    """Whether the test ``tests.test_file::test_name[params]`` still has its function in ``tests_dir``."""
+    module, _, function = name.partition("::")
+    path = tests_dir / (module.split(".")[-1] + ".py")
+    function = function.split("[", 1)[0]
+    try:
+        return re.search(rf"^\s*def {re.escape(function)}\(", path.read_text(), re.M) is not None
+    except OSError:
+        return False
 
 
 def _base_problem(base) -> str | None:
@@ -56,7 +68,12 @@ def main() -> None:
                    help="a field recorded as it is (repeat the flag for more); not runs/tests/note/date_utc")
     p.add_argument("--note", default="")
     p.add_argument("--base", type=Path, default=None, help="an earlier record to extend (its last outcomes and histories)")
+    p.add_argument("--tests-dir", type=Path, default=None,
+                   help="the test suite's folder (e.g. tests): tests whose function is no longer in it move to "
+                        "'removed_tests' and leave the summary")
     args = p.parse_args()
+    if args.tests_dir is not None and not args.tests_dir.is_dir():
+        p.error(f"--tests-dir {args.tests_dir} is not a folder")
     meta = {}
     for kv in args.meta:
         key, sep, value = kv.partition("=")
@@ -97,6 +114,10 @@ def main() -> None:
                 row["message"] = message
             last[name] = row
             history.setdefault(name, []).append(f"{run}@{commit}: {outcome}")
+    removed = {}
+    if args.tests_dir is not None:
+        removed = {name: row for name, row in last.items() if not still_in_suite(name, args.tests_dir)}
+        last = {name: row for name, row in last.items() if name not in removed}
     summary = {}
     for row in last.values():
         summary[row["outcome"]] = summary.get(row["outcome"], 0) + 1
@@ -111,6 +132,10 @@ def main() -> None:
         "note": note,
         "tests": [{"test": k, **v, "history": history[k]} for k, v in sorted(last.items())],
     }
+    removed = {**{row["test"]: row for row in carried.pop("removed_tests", [])}, **{
+        k: {"test": k, **v, "history": history[k]} for k, v in removed.items()}}
+    if removed:
+        record["removed_tests"] = [removed[k] for k in sorted(removed)]
     args.out.write_text(json.dumps(record, indent=1) + "\n")
     print(json.dumps(summary))
 

@@ -307,6 +307,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-fsdp-reshard", dest="fsdp_reshard_after_forward", action="store_false",
                    help="under torchrun (FSDP2): keep each layer's gathered weights from its forward to its backward "
                         "(one all-gather fewer per layer and step; more memory); default: free them after the forward")
+    c.add_argument("--profile-steps", type=_nonnegative_int, default=d.profile_steps,
+                   help="record this many optimizer steps of each training stage with torch.profiler (after the first 3): "
+                        "<stage>/profile_rank<r>.txt (ops by device time), .json (Chrome/Perfetto trace) and the "
+                        "manifest's profile (wall vs kernel vs NCCL seconds per step); default 0 (off)")
     c.add_argument("--checkpoint-every", type=_positive_int, default=d.checkpoint_every,
                    help="optimizer steps between resumable checkpoints")
     c.add_argument("--collapse-threshold", type=float, default=d.collapse_threshold,

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from ..errors import CheckpointFormatError
 from .align import MIXERS_FILE
 from .distributed import barrier, context, shard_modules
 from .flops import forward_flops_per_token
@@ -37,16 +38,45 @@ MODEL_DIR = "model"
 
 def build_hybrid(teacher, layer_types: list[str], mixers_path: Path | None):
     """The stage-2 student: attention layers from the teacher (NoPE + output gate), Lightning layers loaded
-    from a stage-1 :data:`MIXERS_FILE` (or left at their stage-0 init if ``mixers_path`` is None)."""
+    from a stage-1 :data:`MIXERS_FILE` (or left at their stage-0 init if ``mixers_path`` is None).
+
+    Raises:
+        CheckpointFormatError: the mixers file cannot be read, lacks a Lightning layer's tensor, holds one of
+            another shape or dtype kind, or holds layers the teacher does not have (a file of another model).
+    """
     student, _ = build_student(teacher, layer_types, attention_rope=False, attention_output_gate=True)
     if mixers_path is not None:
-        tensors = load_file(str(mixers_path))
-        for i, kind in enumerate(layer_types):
-            if kind != "lightning":
-                continue
-            mixer = student.model.layers[i].self_attn
-            mixer.load_state_dict({k: tensors[f"layers.{i}.{k}"] for k in mixer.state_dict()})
+        _load_stage1_mixers(student, layer_types, Path(mixers_path))
     return student
+
+
+def _load_stage1_mixers(student, layer_types: list[str], path: Path) -> None:
+    fix = f"re-run stage 1 (delete {path.parent} and run `hybridize convert` again) or pass the right run directory"
+    try:
+        tensors = load_file(str(path))
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for damaged files
+        raise CheckpointFormatError(f"cannot read the stage-1 mixers {path}: {exc}; {fix}") from None
+    foreign = [k for k in tensors if not (k.startswith("layers.") and k.split(".")[1].isdigit())]
+    foreign += [k for k in tensors if k not in foreign and int(k.split(".")[1]) >= len(layer_types)]
+    if foreign:
+        raise CheckpointFormatError(
+            f"the stage-1 mixers {path} do not belong to this teacher ({len(layer_types)} layers): "
+            f"{sorted(foreign)[:3]} is not layers.<i>.* of one of its layers; {fix}")
+    for i, kind in enumerate(layer_types):
+        if kind != "lightning":
+            continue
+        mixer = student.model.layers[i].self_attn
+        state = {}
+        for k, ref in mixer.state_dict().items():
+            t = tensors.get(f"layers.{i}.{k}")
+            if t is None or t.shape != ref.shape or not t.is_floating_point():
+                what = "is missing" if t is None else f"has shape {tuple(t.shape)} dtype {t.dtype}"
+                raise CheckpointFormatError(
+                    f"the stage-1 mixers {path}: layers.{i}.{k} {what}, the student needs {tuple(ref.shape)} floating point; {fix}")
+            if not torch.isfinite(t).all():
+                raise CheckpointFormatError(f"the stage-1 mixers {path}: layers.{i}.{k} holds NaN or infinite values; {fix}")
+            state[k] = t
+        mixer.load_state_dict(state)
 
 
 def trainable_parameters(model) -> dict[str, torch.nn.Parameter]:

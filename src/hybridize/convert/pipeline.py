@@ -73,6 +73,7 @@ class ConvertOptions:
     checkpoint_every: int = 20
     grad_accum: int = 1
     fsdp_reshard_after_forward: bool = True
+    profile_steps: int = 0
     device: str | None = None
     seed: int = 0
     threads: int | None = None
@@ -110,7 +111,7 @@ def final_model_dir(run_dir: Path) -> Path:
 
 def _settings(opts: ConvertOptions, stage: str) -> TrainSettings:
     common = {"checkpoint_every": opts.checkpoint_every, "grad_accum": opts.grad_accum,
-              "reshard_after_forward": opts.fsdp_reshard_after_forward}
+              "reshard_after_forward": opts.fsdp_reshard_after_forward, "profile_steps": opts.profile_steps}
     if stage == "stage1":
         return TrainSettings(opts.stage1_tokens, opts.seq_len, opts.stage1_batch, opts.stage1_lr, opts.stage1_lr_final, **common)
     if stage == "stage2":

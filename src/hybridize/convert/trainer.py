@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 from dataclasses import dataclass, field
 
 import torch
@@ -14,7 +15,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from ..errors import BudgetError
 from .distributed import all_reduce_mean, context, full_tensor, load_full_, set_gradient_sync
 from .flops import mfu
-from .stage import StageDir, cosine_lr, make_optimizer
+from .stage import StageDir, atomic_write_text, cosine_lr, make_optimizer
 
 __all__ = ["TrainSettings", "TrainResult", "train", "plan_steps", "check_batch_split", "STAGE_FLAGS"]
 
@@ -38,6 +39,9 @@ class TrainSettings:
             step, its loss and its gradient are those of the whole batch. Lowers activation memory.
         reshard_after_forward: under FSDP2, free each layer's gathered weights after its forward (True, least
             memory) or keep them for the backward (False, fewer all-gathers); no effect in one process.
+        profile_steps: record this many optimizer steps with ``torch.profiler`` (after the first 3 of the run,
+            when the stage has that many; else from the second step), into ``<stage>/profile_rank<r>.txt``
+            (ops by device time) and ``profile_rank<r>.json`` (a Chrome/Perfetto trace); 0 = off.
     """
 
     tokens: int
@@ -50,6 +54,7 @@ class TrainSettings:
     grad_clip: float | None = 1.0
     grad_accum: int = 1
     reshard_after_forward: bool = True
+    profile_steps: int = 0
 
 
 @dataclass
@@ -68,6 +73,7 @@ class TrainResult:
         world_size: processes that shared each global batch.
         grad_norms: the global gradient norm of each step before clipping (empty without clipping); a
             1-GPU and an N-GPU run of the same settings must agree here from the first step on.
+        profile: what :func:`profile_summary` found in the profiled steps (``profile_steps``), else None.
     """
 
     steps: int
@@ -80,6 +86,7 @@ class TrainResult:
     flops_per_token: float | None = None
     world_size: int = 1
     grad_norms: list[float] = field(default_factory=list)
+    profile: dict | None = None
 
     def metrics(self) -> dict:
         """The throughput figures for a stage manifest."""
@@ -90,6 +97,7 @@ class TrainResult:
             "flops_per_token": self.flops_per_token,
             "world_size": self.world_size,
             "grad_norm_curve": self.grad_norms,
+            **({"profile": self.profile} if self.profile is not None else {}),
         }
 
 
@@ -209,8 +217,12 @@ def train(
     bar = tqdm(total=steps, initial=start_step, desc=desc or stage.name, unit="step", dynamic_ncols=True, disable=not ctx.is_main)
     t0, tokens_this_run = time.time(), 0
     step_ends: list[float] = []
+    window = profile_window(settings.profile_steps, start_step, steps)
+    prof, profile = None, None
     with logging_redirect_tqdm(loggers=[log]):  # log lines above the progress bar, not glued to it
         for step in range(start_step, steps):
+            if window is not None and step == window[0]:
+                prof, t_prof = _start_profiler(ctx.device), (step_ends[-1] if step_ends else time.time())
             lr = cosine_lr(step, steps, settings.lr, settings.lr_final, warmup)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -242,6 +254,11 @@ def train(
             losses.append(value)  # the float() above waited for the GPU, so step_ends are true step times
             tokens_this_run += per_step
             step_ends.append(time.time())
+            if prof is not None and step + 1 == window[1]:
+                prof.__exit__(None, None, None)
+                profile = profile_summary(prof, window, step_ends[-1] - t_prof, stage.path / f"profile_rank{ctx.rank}")
+                prof = None
+                log.info("%s: profiled steps %d-%d: %s", stage.name, window[0] + 1, window[1], profile["text"])
             tps = tokens_this_run / max(1e-9, step_ends[-1] - t0)
             bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.1e}", tok_s=f"{tps:.0f}")
             bar.update(1)
@@ -266,7 +283,60 @@ def train(
         flops_per_token=flops_per_token,
         world_size=ctx.world_size,
         grad_norms=grad_norms,
+        profile=profile,
     )
+
+
+def profile_window(profile_steps: int, start_step: int, steps: int) -> tuple[int, int] | None:
+    """The optimizer steps ``[first, end)`` to profile: ``profile_steps`` of them after the first 3 of this
+    invocation (autotuning, allocator warm-up) when the stage has that many left, else from the second step on,
+    never past the last; None when ``profile_steps`` is 0 or fewer than 2 steps are left."""
+    left = steps - start_step
+    if profile_steps < 1 or left < 2:
+        return None
+    skip = 3 if left >= 3 + profile_steps else 1
+    first = start_step + skip
+    return first, min(steps, first + profile_steps)
+
+
+def _start_profiler(device: torch.device):
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    prof = profile(activities=activities, record_shapes=False, with_stack=False)
+    prof.__enter__()
+    return prof
+
+
+def profile_summary(prof, window: tuple[int, int], wall_s: float, prefix: Path) -> dict:
+    """Write ``<prefix>.txt`` (the profiler's table of ops sorted by device time, CPU time on the CPU) and
+    ``<prefix>.json`` (Chrome trace) and return the per-step figures: wall time (s), the summed self time of
+    device kernels (s; streams that overlap count twice) and the part of it in NCCL collectives, and the top 5
+    ops by self device time. For finding where a step's time goes (e.g. FSDP2's all-gathers under
+    ``torchrun``)."""
+    n = window[1] - window[0]
+    events = prof.key_averages()
+    cuda = any(getattr(e, "self_device_time_total", 0) for e in events)
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    total = sum(getattr(e, key, 0) for e in events if not e.key.startswith("ProfilerStep")) / 1e6 / n
+    nccl = sum(getattr(e, key, 0) for e in events if "nccl" in e.key.lower()) / 1e6 / n
+    top = sorted(events, key=lambda e: -getattr(e, key, 0))[:5]
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(prefix.with_suffix(".txt"), events.table(sort_by=key, row_limit=40))
+    prof.export_chrome_trace(str(prefix.with_suffix(".json")))
+    what = "device kernels" if cuda else "CPU ops"
+    summary = {
+        "steps": [window[0] + 1, window[1]],
+        "wall_s_per_step": wall_s / n,
+        "busy_kind": what,
+        "busy_s_per_step": total,
+        "nccl_s_per_step": nccl,
+        "top_ops": [{"op": e.key, "s_per_step": getattr(e, key, 0) / 1e6 / n} for e in top],
+        "files": [prefix.with_suffix(".txt").name, prefix.with_suffix(".json").name],
+    }
+    summary["text"] = (f"{summary['wall_s_per_step']:.3f} s/step wall, {total:.3f} s/step in {what}"
+                       f"{f', {nccl:.3f} in NCCL' if cuda else ''}")
+    return summary
 
 
 def _steady_rate(step_ends: list[float], t0: float, per_step: int) -> float | None:
