@@ -326,6 +326,48 @@ def test_profile_steps_writes_the_profile_and_leaves_training_unchanged(tmp_path
     assert json.loads((tmp_path / "profiled" / "profile_rank0.json").read_text())["traceEvents"]
 
 
+def test_profile_counts_each_kernel_once_and_stops_when_a_step_raises(tmp_path):
+    """profile_summary sums the kernel rows only (the CPU op that launched a kernel carries its time too), NCCL
+    kernels apart; a step that raises inside the window leaves no profiler running."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from hybridize.convert.trainer import TrainSettings, profile_summary, train
+
+    def row(key, device, us, annotation=False):
+        return SimpleNamespace(key=key, device_type=device, self_device_time_total=us, self_cpu_time_total=5,
+                               is_user_annotation=annotation)
+
+    class Events(list):
+        def table(self, **kw):
+            return "table"
+
+    events = Events([row("aten::mm", DeviceType.CPU, 1000), row("sm90_gemm", DeviceType.CUDA, 1000),
+                     row("nccl:all_gather", DeviceType.CPU, 400), row("ncclDevKernel_AllGather", DeviceType.CUDA, 400),
+                     row("FSDP::all_gather", DeviceType.CUDA, 400, annotation=True)])
+    prof = SimpleNamespace(key_averages=lambda: events, export_chrome_trace=lambda path: Path(path).write_text("{}"))
+    s = profile_summary(prof, (3, 5), 0.01, tmp_path / "p")
+    assert s["busy_kind"] == "device kernels" and s["busy_s_per_step"] == pytest.approx(1400e-6 / 2)
+    assert s["nccl_s_per_step"] == pytest.approx(400e-6 / 2) and [o["op"] for o in s["top_ops"]] == ["sm90_gemm", "ncclDevKernel_AllGather"]
+    assert (tmp_path / "p.txt").read_text() == "table" and (tmp_path / "p.json").is_file()
+
+    model = torch.nn.Linear(4, 4)
+    calls = []
+
+    def loss_fn(batch):
+        calls.append(1)
+        if len(calls) == 5:  # inside the window (steps 4-6)
+            raise RuntimeError("boom")
+        return model(batch.float()).pow(2).mean()
+
+    settings = TrainSettings(4 * 8 * 8, 4, 8, 1e-2, 1e-3, warmup=1, profile_steps=3)
+    with pytest.raises(RuntimeError, match="boom"):
+        train(StageDir(tmp_path, "raise"), dict(model.named_parameters()), loss_fn, torch.randint(0, 9, (16, 4)), settings)
+    assert not torch.autograd.profiler._is_profiler_enabled
+
+
 def test_profile_steps_flag_is_checked(capsys):
     from hybridize.cli import main
 

@@ -66,3 +66,20 @@ def test_tests_no_longer_in_the_suite_leave_the_summary(tmp_path):
     assert [t["test"] for t in json.loads(again.read_text())["removed_tests"]] == ["tests.test_a::test_two"]
     r = _run("--out", out, "--tests-dir", tmp_path / "nope", f"c1:s1:{xml}")
     assert r.returncode == 2 and "--tests-dir" in r.stderr
+
+
+def test_a_test_added_back_leaves_removed_tests_with_its_history(tmp_path):
+    xml = tmp_path / "a.xml"
+    xml.write_text(XML)
+    suite = tmp_path / "suite"
+    suite.mkdir()
+    (suite / "test_a.py").write_text("def test_one():\n    pass\n")
+    first = tmp_path / "first.json"
+    assert _run("--out", first, "--tests-dir", suite, f"c1:s1:{xml}").returncode == 0
+    (suite / "test_a.py").write_text("def test_one():\n    pass\n\n\ndef test_two():\n    pass\n")  # added back
+    second = tmp_path / "second.json"
+    assert _run("--base", first, "--out", second, "--tests-dir", suite, f"c2:s2:{xml}").returncode == 0
+    rec = json.loads(second.read_text())
+    assert "removed_tests" not in rec
+    two = next(t for t in rec["tests"] if t["test"] == "tests.test_a::test_two")
+    assert two["history"] == ["s1@c1: failed", "s2@c2: failed"]

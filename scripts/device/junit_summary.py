@@ -37,12 +37,15 @@ def outcomes(path: Path):
 def still_in_suite(name: str, tests_dir: Path) -> bool:
     """Whether the test ``tests.test_file::test_name[params]`` still has its function in ``tests_dir``."""
     module, _, function = name.partition("::")
-    path = tests_dir / (module.split(".")[-1] + ".py")
     function = function.split("[", 1)[0]
-    try:
-        return re.search(rf"^\s*def {re.escape(function)}\(", path.read_text(), re.M) is not None
-    except OSError:
-        return False
+    for part in module.split("."):  # tests.test_x or tests.test_x.TestClass: the file is the test_x part
+        path = tests_dir / f"{part}.py"
+        if path.is_file():
+            try:
+                return re.search(rf"^\s*def {re.escape(function)}\(", path.read_text(), re.M) is not None
+            except OSError:
+                return False
+    return False
 
 
 def _base_problem(base) -> str | None:
@@ -92,6 +95,9 @@ def main() -> None:
         if problem:
             p.error(f"--base {args.base} is not a record of this script: {problem}")
         earlier = list(base["runs"])
+        for row in base.get("removed_tests") or []:  # a test added back keeps its earlier history
+            if isinstance(row, dict) and isinstance(row.get("test"), str) and isinstance(row.get("history"), list):
+                history[row["test"]] = list(row["history"])
         for row in base["tests"]:
             history[row["test"]] = list(row["history"])
             last[row["test"]] = {k: v for k, v in row.items() if k not in ("test", "history")}
@@ -121,6 +127,7 @@ def main() -> None:
     summary = {}
     for row in last.values():
         summary[row["outcome"]] = summary.get(row["outcome"], 0) + 1
+    earlier_removed = [r for r in carried.pop("removed_tests", None) or [] if isinstance(r, dict)]
     note = args.note if args.note else carried.pop("note", "")
     carried.pop("note", None)
     record = {
@@ -132,7 +139,7 @@ def main() -> None:
         "note": note,
         "tests": [{"test": k, **v, "history": history[k]} for k, v in sorted(last.items())],
     }
-    removed = {**{row["test"]: row for row in carried.pop("removed_tests", [])}, **{
+    removed = {**{row["test"]: row for row in earlier_removed if row.get("test") not in last}, **{
         k: {"test": k, **v, "history": history[k]} for k, v in removed.items()}}
     if removed:
         record["removed_tests"] = [removed[k] for k in sorted(removed)]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -56,8 +57,8 @@ def _load_stage1_mixers(student, layer_types: list[str], path: Path) -> None:
         tensors = load_file(str(path))
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for damaged files
         raise CheckpointFormatError(f"cannot read the stage-1 mixers {path}: {exc}; {fix}") from None
-    foreign = [k for k in tensors if not (k.startswith("layers.") and k.split(".")[1].isdigit())]
-    foreign += [k for k in tensors if k not in foreign and int(k.split(".")[1]) >= len(layer_types)]
+    index = {k: re.match(r"layers\.([0-9]+)\.", k) for k in tensors}
+    foreign = [k for k, m in index.items() if m is None or int(m.group(1)) >= len(layer_types)]
     if foreign:
         raise CheckpointFormatError(
             f"the stage-1 mixers {path} do not belong to this teacher ({len(layer_types)} layers): "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -41,7 +42,8 @@ class TrainSettings:
             memory) or keep them for the backward (False, fewer all-gathers); no effect in one process.
         profile_steps: record this many optimizer steps with ``torch.profiler`` (after the first 3 of the run,
             when the stage has that many; else from the second step), into ``<stage>/profile_rank<r>.txt``
-            (ops by device time) and ``profile_rank<r>.json`` (a Chrome/Perfetto trace); 0 = off.
+            (ops by device time) and ``profile_rank<r>.json`` (a Chrome/Perfetto trace); 0 = off. The profiled
+            steps are left out of the throughput figures.
     """
 
     tokens: int
@@ -218,11 +220,15 @@ def train(
     t0, tokens_this_run = time.time(), 0
     step_ends: list[float] = []
     window = profile_window(settings.profile_steps, start_step, steps)
-    prof, profile = None, None
-    with logging_redirect_tqdm(loggers=[log]):  # log lines above the progress bar, not glued to it
+    profile, paused = None, 0.0  # paused: seconds of profiling, left out of the throughput figures
+    # log lines above the progress bar, not glued to it; the profiler is stopped on any exit
+    with logging_redirect_tqdm(loggers=[log]), _StepProfiler() as profiler:
         for step in range(start_step, steps):
+            profiled = window is not None and window[0] <= step < window[1]
             if window is not None and step == window[0]:
-                prof, t_prof = _start_profiler(ctx.device), (step_ends[-1] if step_ends else time.time())
+                t_window = time.time()
+                profiler.start(ctx.device)
+                t_prof = time.time()
             lr = cosine_lr(step, steps, settings.lr, settings.lr_final, warmup)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -244,22 +250,28 @@ def train(
                 for p in params.values():
                     if p.grad is not None:
                         p.grad.div_(accum)
+            norm = None
             if settings.grad_clip is not None:
-                norm = torch.nn.utils.clip_grad_norm_(list(params.values()), settings.grad_clip)
-                grad_norms.append(float(full_tensor(norm)))  # whole-model norm (a DTensor when sharded)
+                # whole-model norm (a DTensor when sharded); read after the optimizer step, with the loss: one
+                # host sync per step instead of one before the step too
+                norm = full_tensor(torch.nn.utils.clip_grad_norm_(list(params.values()), settings.grad_clip))
             optimizer.step()
             value = float(all_reduce_mean(loss.detach()))
+            if norm is not None:
+                grad_norms.append(float(norm))
             if value != value:  # NaN
                 raise FloatingPointError(f"{stage.name}: loss became NaN at step {step}; lower the learning rate")
             losses.append(value)  # the float() above waited for the GPU, so step_ends are true step times
-            tokens_this_run += per_step
-            step_ends.append(time.time())
-            if prof is not None and step + 1 == window[1]:
-                prof.__exit__(None, None, None)
-                profile = profile_summary(prof, window, step_ends[-1] - t_prof, stage.path / f"profile_rank{ctx.rank}")
-                prof = None
-                log.info("%s: profiled steps %d-%d: %s", stage.name, window[0] + 1, window[1], profile["text"])
-            tps = tokens_this_run / max(1e-9, step_ends[-1] - t0)
+            if not profiled:  # step ends on a clock without the profiled steps
+                tokens_this_run += per_step
+                step_ends.append(time.time() - paused)
+            elif step + 1 == window[1]:
+                wall = time.time() - t_prof
+                profile = profile_summary(profiler.stop(), window, wall, stage.path / f"profile_rank{ctx.rank}")
+                paused += time.time() - t_window
+                log.info("%s: profiled steps %d-%d (left out of the throughput figures): %s", stage.name,
+                         window[0] + 1, window[1], profile["text"])
+            tps = tokens_this_run / max(1e-9, (step_ends[-1] if step_ends else t0) - t0)
             bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.1e}", tok_s=f"{tps:.0f}")
             bar.update(1)
             if (step + 1) % max(1, steps // 10) == 0 or step + 1 == steps:
@@ -269,7 +281,7 @@ def train(
             if (step + 1) % settings.checkpoint_every == 0 and step + 1 < steps:
                 stage.save_checkpoint(dict(params), optimizer, {"step": step + 1, "losses": losses, "grad_norms": grad_norms})
     bar.close()
-    elapsed = max(1e-9, time.time() - t0)
+    elapsed = max(1e-9, time.time() - paused - t0)
     tail = losses[-max(1, min(10, len(losses) // 5)) :]
     steady = _steady_rate(step_ends, t0, per_step)
     return TrainResult(
@@ -299,43 +311,73 @@ def profile_window(profile_steps: int, start_step: int, steps: int) -> tuple[int
     return first, min(steps, first + profile_steps)
 
 
-def _start_profiler(device: torch.device):
-    from torch.profiler import ProfilerActivity, profile
+class _StepProfiler:
+    """torch.profiler around a window of steps; a context manager that stops a running profiler on exit (also
+    when a step raises), so no profiler is left recording in the process."""
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    prof = profile(activities=activities, record_shapes=False, with_stack=False)
-    prof.__enter__()
-    return prof
+    def __init__(self):
+        self.prof = None
+
+    def start(self, device: torch.device) -> None:
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        self.prof = profile(activities=activities, record_shapes=False, with_stack=False)
+        self.prof.__enter__()
+
+    def stop(self):
+        prof, self.prof = self.prof, None
+        if prof is not None:
+            prof.__exit__(None, None, None)
+        return prof
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+        return False
 
 
 def profile_summary(prof, window: tuple[int, int], wall_s: float, prefix: Path) -> dict:
     """Write ``<prefix>.txt`` (the profiler's table of ops sorted by device time, CPU time on the CPU) and
-    ``<prefix>.json`` (Chrome trace) and return the per-step figures: wall time (s), the summed self time of
-    device kernels (s; streams that overlap count twice) and the part of it in NCCL collectives, and the top 5
-    ops by self device time. For finding where a step's time goes (e.g. FSDP2's all-gathers under
-    ``torchrun``)."""
+    ``<prefix>.json`` (Chrome trace) and return the per-step figures: wall time (s, profiler start-up excluded),
+    the summed self time of device kernels (s; kernels of streams that overlap count each; the CPU ops' time on a
+    CPU) and the part of it in NCCL kernels, and the 5 kernels (ops) with the most time. For finding where a step's
+    time goes (e.g. FSDP2's all-gathers under ``torchrun``). A file that cannot be written is named in the
+    summary's ``error``; training goes on."""
+    from torch.autograd import DeviceType
+
     n = window[1] - window[0]
     events = prof.key_averages()
-    cuda = any(getattr(e, "self_device_time_total", 0) for e in events)
-    key = "self_device_time_total" if cuda else "self_cpu_time_total"
-    total = sum(getattr(e, key, 0) for e in events if not e.key.startswith("ProfilerStep")) / 1e6 / n
-    nccl = sum(getattr(e, key, 0) for e in events if "nccl" in e.key.lower()) / 1e6 / n
-    top = sorted(events, key=lambda e: -getattr(e, key, 0))[:5]
-    prefix.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(prefix.with_suffix(".txt"), events.table(sort_by=key, row_limit=40))
-    prof.export_chrome_trace(str(prefix.with_suffix(".json")))
-    what = "device kernels" if cuda else "CPU ops"
+    device_rows = [e for e in events if e.device_type != DeviceType.CPU and not getattr(e, "is_user_annotation", False)]
+    if device_rows:  # kernel rows only: the CPU op that launched a kernel carries its time too (counted once here)
+        rows, key, what = device_rows, "self_device_time_total", "device kernels"
+    else:
+        rows, key, what = list(events), "self_cpu_time_total", "CPU ops"
+    total = sum(getattr(e, key) for e in rows) / 1e6 / n
+    nccl = sum(getattr(e, key) for e in rows if "nccl" in e.key.lower()) / 1e6 / n
+    top = sorted(rows, key=lambda e: -getattr(e, key))[:5]
     summary = {
         "steps": [window[0] + 1, window[1]],
         "wall_s_per_step": wall_s / n,
         "busy_kind": what,
         "busy_s_per_step": total,
-        "nccl_s_per_step": nccl,
-        "top_ops": [{"op": e.key, "s_per_step": getattr(e, key, 0) / 1e6 / n} for e in top],
+        "nccl_s_per_step": nccl if device_rows else None,
+        "top_ops": [{"op": e.key, "s_per_step": getattr(e, key) / 1e6 / n} for e in top],
         "files": [prefix.with_suffix(".txt").name, prefix.with_suffix(".json").name],
     }
+    try:
+        prefix.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(prefix.with_suffix(".txt"), events.table(sort_by=key, row_limit=40))
+        tmp = prefix.with_name(f".{prefix.name}.json.tmp")
+        prof.export_chrome_trace(str(tmp))
+        os.replace(tmp, prefix.with_suffix(".json"))
+    except OSError as exc:
+        summary["error"] = f"profile files not written: {exc}"
+        log.warning("%s", summary["error"])
     summary["text"] = (f"{summary['wall_s_per_step']:.3f} s/step wall, {total:.3f} s/step in {what}"
-                       f"{f', {nccl:.3f} in NCCL' if cuda else ''}")
+                       f"{f', {nccl:.3f} in NCCL' if device_rows else ''}")
     return summary
 
 
