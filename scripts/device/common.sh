@@ -18,7 +18,7 @@ GPUS=$(python3 -c 'import torch; print(torch.cuda.device_count())')
 echo "[device] $(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | head -1) x$GPUS; torch $(python3 -c 'import torch; print(torch.__version__)'); commit $HYBRIDIZE_GIT_COMMIT"
 # copy a run directory's small files (manifests, logs, plots, reports), never weights or checkpoints
 copy_run() { mkdir -p "$2"; (cd "$1" 2>/dev/null && find . -type f \( -name '*.json' -o -name '*.log' -o -name '*.png' -o -name '*.md' \) \
-    ! -path '*/model/*' ! -path '*/checkpoint*' -exec cp --parents {} "$2" \;); }
+    ! -path '*/model/*' ! -path '*/checkpoint*' ! -name 'profile_rank*.json' -exec cp --parents {} "$2" \;); }
 # wait until the markers in $WAIT_FOR (default: both GPU jobs done) exist under $RES or this call's BUDGET
 # (seconds) is spent ("final": or the hold's end), then return $RES (with the conversion's and evaluation's
 # small files) as $OUT/<name>.tgz
