@@ -894,3 +894,21 @@ def test_stage0_students_do_not_depend_on_earlier_random_draws(tiny_teacher_dir,
         stage0.append(load_file(str(tmp_path / run / "stage0" / MIXERS_FILE)))
     assert any("output_gate" in k for k in stage0[0])
     assert all(torch.equal(stage0[0][k], stage0[1][k]) for k in stage0[0])
+
+
+@pytest.mark.parametrize("bad, message", [("missing.jsonl", "no such file or directory"), ("notes.md", "unsupported file type '.md'")])
+def test_bad_data_is_named_before_the_teacher_loads(tiny_teacher_dir, tmp_path, monkeypatch, bad, message):
+    """A wrong --data path is refused before the teacher is loaded (seconds for a local checkpoint, minutes for
+    a hub download or the first build of the default teacher), and no run directory is left."""
+    import hybridize.convert.teachers as teachers
+    from hybridize.errors import DataError
+
+    (tmp_path / "notes.md").write_text("text")
+
+    def no_teacher(*a, **k):
+        raise AssertionError("the teacher was loaded before --data was checked")
+
+    monkeypatch.setattr(teachers, "load_teacher", no_teacher)
+    with pytest.raises(DataError, match=message):
+        run_convert(_opts(tiny_teacher_dir, tmp_path / bad, tmp_path / "run"))
+    assert not (tmp_path / "run").exists()

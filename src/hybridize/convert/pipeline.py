@@ -397,6 +397,10 @@ def run_convert(opts: ConvertOptions) -> dict:
     run_dir = Path(opts.out)
     # validate options, budgets and the output path before any heavy work or output
     check_convert_options(opts, teacher_num_layers(opts.teacher))
+    if opts.data:  # a missing or unsupported --data file is named before the teacher loads (seconds to minutes)
+        from ..data.corpora import check_text_specs
+
+        check_text_specs(opts.data)
     stages = ("stage1", "stage2", "stage3") if opts.stage3 else ("stage1", "stage2")
     for name in stages:
         plan_steps(_settings(opts, name), None, name)

@@ -680,7 +680,40 @@ def _read_hf_dataset(spec: str) -> list[str]:
     return [t for t in ds["text"] if isinstance(t, str)]
 
 
+def _spec_problem(spec: str | os.PathLike[str]) -> str | None:
+    """What is wrong with one ``load_texts`` spec without reading it: a path-like spec that does not exist, or a
+    file of an unsupported type; None otherwise (a Hugging Face dataset name is checked only when loaded)."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return None
+    if path.is_file():
+        suffix = path.suffix.lower()
+        return None if suffix in _FILE_SUFFIXES else f"{path}: unsupported file type {suffix!r}; use {', '.join(_FILE_SUFFIXES)}"
+    if path.suffix.lower() in _FILE_SUFFIXES or os.fspath(spec).startswith(("/", ".", "~")):
+        return f"no such file or directory: {path}"
+    return None
+
+
+def check_text_specs(spec: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]) -> None:
+    """Check :func:`load_texts` specs cheaply (no file is read): for a command to refuse a missing or unsupported
+    ``--data`` before it loads a model.
+
+    Raises:
+        DataError: an empty list, a path that does not exist, a file type other than .txt/.jsonl/.parquet.
+    """
+    specs = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
+    if not specs:
+        raise DataError("no text sources given")
+    for one in specs:
+        problem = _spec_problem(one)
+        if problem:
+            raise DataError(problem)
+
+
 def _load_one(spec: str | os.PathLike[str]) -> list[str]:
+    problem = _spec_problem(spec)
+    if problem:
+        raise DataError(problem)
     path = Path(spec).expanduser()
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in _FILE_SUFFIXES)
@@ -693,18 +726,13 @@ def _load_one(spec: str | os.PathLike[str]) -> list[str]:
             docs = _read_txt(path)
         elif suffix == ".jsonl":
             docs = _read_jsonl(path)
-        elif suffix == ".parquet":
+        else:  # .parquet (_spec_problem refused the rest)
             docs = _read_parquet(path)
-        else:
-            raise DataError(f"{path}: unsupported file type {suffix!r}; use {', '.join(_FILE_SUFFIXES)}")
         docs = [d for d in docs if d.strip()]
         if not docs:
             raise DataError(f"{path} contains no text (empty file or only blank documents)")
         return docs
-    text = os.fspath(spec)
-    if path.suffix.lower() in _FILE_SUFFIXES or text.startswith(("/", ".", "~")):
-        raise DataError(f"no such file or directory: {path}")
-    return _read_hf_dataset(text)
+    return _read_hf_dataset(os.fspath(spec))
 
 
 def load_texts(spec: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]) -> list[str]:
