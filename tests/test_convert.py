@@ -912,3 +912,23 @@ def test_bad_data_is_named_before_the_teacher_loads(tiny_teacher_dir, tmp_path, 
     with pytest.raises(DataError, match=message):
         run_convert(_opts(tiny_teacher_dir, tmp_path / bad, tmp_path / "run"))
     assert not (tmp_path / "run").exists()
+
+
+def test_command_line_help_does_not_import_torch():
+    """`hybridize --help` and every subcommand's help answer without importing torch or transformers (the model
+    code loads on first use: hybridize and hybridize.bench export it lazily)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from hybridize.cli import build_parser; build_parser(); "
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]"
+    for command in ("convert", "select", "generate", "eval", "tune-hype", "bench"):
+        r = subprocess.run([sys.executable, "-m", "hybridize", command, "--help"], capture_output=True, text=True)
+        assert r.returncode == 0 and f"usage: hybridize {command}" in r.stdout
+    import hybridize
+
+    assert hybridize.HybridForCausalLM.__name__ == "HybridForCausalLM"  # still exported
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        hybridize.nope

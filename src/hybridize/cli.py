@@ -268,8 +268,7 @@ def _bench(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .convert.pipeline import ConvertOptions
-    from .convert.select import SELECTION_METHODS
+    from .convert.options import SELECTION_METHODS, ConvertOptions
 
     d = ConvertOptions()
     p = argparse.ArgumentParser(prog="hybridize", description="Turn a pretrained Transformer into a hybrid linear-attention model.")
@@ -341,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="sampling seed (with --temperature > 0)")
     g.set_defaults(func=_generate)
 
-    from .convert.evaluate import PASSKEY_FORMS, PPL_TEXTS
+    from .convert.options import PASSKEY_FORMS, PPL_TEXTS
 
     e = sub.add_parser("eval", help="held-out perplexity, passkey retrieval, decode speed and cache size",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)

@@ -22,9 +22,15 @@ untied head) and Qwen3-1.7B (28 layers, hidden 2048, 16 heads, 8 KV heads, head 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # torch loads when a model is built, not when the command line lists the presets
+    import torch
+    from torch import nn
+
+#: ``hybridize bench`` defaults: context lengths (tokens) and output directory.
+DEFAULT_LENGTHS = (32768, 131072, 262144, 524288, 1048576)
+DEFAULT_OUT = "runs/bench"
 
 __all__ = ["Preset", "PRESETS", "preset_names", "layer_schedule", "build_model", "init_random_"]
 
@@ -154,10 +160,18 @@ def layer_schedule(schedule: str, num_layers: int) -> list[str]:
     raise ValueError(f"unknown schedule {schedule!r}")
 
 
-@torch.no_grad()
 def init_random_(model: nn.Module, std: float = 0.02, seed: int = 0) -> None:
     """Random weights in place, on the model's device and dtype: matrices ``N(0, std)``, norm weights 1,
     other vectors (biases) 0. Deterministic for a seed on a given device."""
+    import torch
+
+    with torch.no_grad():
+        _init_random(model, std, seed)
+
+
+def _init_random(model: nn.Module, std: float, seed: int) -> None:
+    import torch
+
     gen = None
     devices = {p.device for p in model.parameters()}
     if len(devices) == 1 and next(iter(devices)).type in ("cpu", "cuda"):
@@ -194,6 +208,8 @@ def build_model(preset: Preset, device: torch.device | str, dtype: torch.dtype, 
     Raises:
         ValueError: an unknown preset kind or schedule.
     """
+    import torch
+
     device = torch.device(device)
     if preset.kind == "hybrid":
         from ..models import HybridConfig, HybridForCausalLM

@@ -29,7 +29,7 @@ import torch
 from ..ops.attention import PREFILL_ATTENTION_IMPLS, prefill_attention
 from ..outdir import check_writable_dir, removed_if_left_empty
 from . import measure
-from .presets import PRESETS, Preset, build_model, layer_schedule
+from .presets import DEFAULT_LENGTHS, DEFAULT_OUT, PRESETS, Preset, build_model, layer_schedule
 from .report import load_results, merge_rows, write_markdown, write_plots, write_results
 
 __all__ = ["BenchOptions", "run_bench", "DEFAULT_LENGTHS", "DEFAULT_OUT"]
@@ -37,8 +37,6 @@ __all__ = ["BenchOptions", "run_bench", "DEFAULT_LENGTHS", "DEFAULT_OUT"]
 _log = logging.getLogger("hybridize")
 
 #: 32K, 128K, 256K, 512K and 1M tokens
-DEFAULT_LENGTHS = (32768, 131072, 262144, 524288, 1048576)
-DEFAULT_OUT = "runs/bench"
 
 
 @dataclass

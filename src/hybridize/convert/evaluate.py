@@ -18,12 +18,10 @@ import torch
 __all__ = ["heldout_sequences", "passkey_fillers", "check_eval_args", "evaluate_run", "evaluate_models",
            "PPL_TEXTS", "PASSKEY_FORMS", "MAX_EVAL_LENGTH"]
 
+from .options import PASSKEY_FORMS, PPL_TEXTS  # noqa: E402  (defined without torch for the command line)
+
 log = logging.getLogger("hybridize")
 
-#: ``--ppl-text`` choices: the whole held-out split, or only its essays concatenated in order
-PPL_TEXTS = ("heldout", "essay")
-#: ``--passkey-forms`` choices: classic repeated filler sentences, or held-out Paul Graham essay text
-PASSKEY_FORMS = ("repeated", "essay")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 #: longest perplexity / pass-key length accepted (4M tokens). Not the model's trained context (evaluating past
 #: it is the point), but a bound on the text built in memory: a pass-key prompt is tokenised from a string of

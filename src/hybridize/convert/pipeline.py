@@ -12,12 +12,13 @@ import logging
 import os
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from ..models import layer_types_to_str
+from .options import RECIPES, ConvertOptions
 from .align import run_stage1
 from .distill import MODEL_DIR, run_stage2, run_stage3
 from .stage import StageDir, atomic_write_text, setup_logging
@@ -27,58 +28,6 @@ __all__ = ["ConvertOptions", "check_convert_options", "given_layer_types", "run_
            "final_model_dir", "is_run_dir", "load_run_data", "split_heldout"]
 
 log = logging.getLogger("hybridize")
-
-#: ``hypenet``: kept layers are NoPE+HyPE softmax attention (SPEC 1b); ``sala``: kept layers are InfLLM-V2
-#: sparse attention (SPEC 1c), first and last layers always kept (MiniCPM-SALA recipe).
-RECIPES = ("hypenet", "sala")
-
-
-@dataclass
-class ConvertOptions:
-    """Every knob of ``hybridize convert``; defaults are sized for the CPU demo on the embedded teacher
-    (about 20-30 minutes on 2 cores). Token budgets are totals per stage; see SPEC 2 for the paper's.
-    """
-
-    teacher: str | None = None
-    data: list[str] | None = None
-    out: str = "runs/smollm2-hypenet"
-    seq_len: int = 256
-    stage1_tokens: int = 96_000
-    stage1_batch: int = 8
-    stage1_lr: float = 1e-3
-    stage1_lr_final: float = 1e-5
-    stage2_tokens: int = 48_000
-    stage2_batch: int = 4
-    stage2_lr: float = 2e-4
-    stage2_lr_final: float = 1e-5
-    stage3: bool = False
-    stage3_tokens: int = 32_768
-    stage3_seq_len: int = 4096
-    stage3_batch: int = 1
-    stage3_lr: float = 1e-5
-    num_attention: int | None = None
-    selection: str = "halo"
-    layer_types: str | None = None
-    recall_examples: int = 16
-    recall_tasks: list[str] | None = None
-    general_tasks: list[str] | None = None
-    lm_eval_limit: int | None = None
-    collapse_threshold: float = 0.5
-    recipe: str = "hypenet"
-    eval: bool = True
-    eval_ppl_lengths: tuple[int, ...] = (512, 2048)
-    eval_ppl_sequences: int = 4
-    eval_passkey_lengths: tuple[int, ...] = (1024, 2048)
-    eval_passkey_trials: int = 10
-    checkpoint_every: int = 20
-    grad_accum: int = 1
-    fsdp_reshard_after_forward: bool = True
-    profile_steps: int = 0
-    device: str | None = None
-    seed: int = 0
-    threads: int | None = None
-    extra: dict = field(default_factory=dict)
-
 
 #: the stage directories a run directory of ``hybridize convert`` may hold
 RUN_STAGES = ("stage0", "stage1", "selection", "stage2", "stage3")

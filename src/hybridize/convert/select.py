@@ -44,7 +44,7 @@ __all__ = [
 
 log = logging.getLogger("hybridize")
 
-SELECTION_METHODS = ("halo", "even", "even-latter", "recall-drop", "kl-guided")
+from .options import SELECTION_METHODS  # noqa: E402  (defined without torch for the command line)
 
 
 @dataclass
