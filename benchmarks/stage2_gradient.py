@@ -34,7 +34,6 @@ import math
 import platform
 import shlex
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -45,6 +44,7 @@ from hybridize.convert.distill import build_hybrid, trainable_parameters
 from hybridize.convert.losses import chunked_kl
 from hybridize.convert.stage import atomic_write_text, git_commit
 from hybridize.errors import HybridizeError
+from hybridize.outdir import check_writable_dir
 from hybridize.ops import backend
 
 TINY_SCHEDULE = "LALL"
@@ -59,18 +59,17 @@ def _schedule(letters: str) -> list[str]:
 
 
 def _out_problem(out: Path) -> str | None:
-    """Why ``--out`` cannot be written (checked before the computation), or None."""
+    """Why ``--out`` cannot be written, naming the flag and the fix (checked before the computation, creating
+    nothing), or None."""
     if str(out) == "" or out.is_dir():
-        return "is a folder"
+        return f"--out {str(out)!r} is a folder: give a JSON file path"
     parent = out.parent
-    while not parent.exists():  # the folders that would be created
+    while not parent.exists():  # the folders that would be created: probe the nearest existing one
         parent = parent.parent
-    if not parent.is_dir():
-        return f"{parent} is a file, not a folder"
-    try:  # the real test: a file can be created there (root passes os.access checks on /proc)
-        tempfile.TemporaryFile(dir=parent).close()
-    except OSError as exc:
-        return f"cannot write in {parent} ({exc.strerror})"
+    try:
+        check_writable_dir(parent, "--out")
+    except ValueError as exc:
+        return str(exc)
     return None
 
 
@@ -271,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out is not None:
         problem = _out_problem(args.out)
         if problem:
-            p.error(f"--out {str(args.out)!r}: {problem}; give a JSON file path in a folder you can write")
+            p.error(problem)
     try:
         device = torch.device(args.device)
         if device.type not in ("cpu", "cuda"):

@@ -7,7 +7,7 @@
 # HOLD_LEFT = the lease's budget_left_s when sent.
 source scripts/device/common.sh
 mkdir -p $RES/logs
-cp .gpu1/gguf.partaa /root/stash/ && tar xJf .gpu1/assets.tar.xz -C "$HYBRIDIZE_CACHE" || exit 1
+stash_gpu1 || exit 1
 echo $(( $(date +%s) + ${HOLD_LEFT:?set HOLD_LEFT to the lease budget left} - 60 )) > /root/end_at
 TESTS_END=$(( $(date +%s) + ${TESTS_S:-420} ))
 export TESTS_END GPU0_TESTS=${GPU0_TESTS:-tests/test_sparse_gpu.py tests/test_graph_decode_gpu.py}

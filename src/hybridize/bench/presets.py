@@ -28,7 +28,7 @@ if TYPE_CHECKING:  # torch loads when a model is built, not when the command lin
     import torch
     from torch import nn
 
-#: ``hybridize bench`` defaults: context lengths (tokens) and output directory.
+#: ``hybridize bench`` defaults: context lengths (32K, 128K, 256K, 512K and 1M tokens) and output directory.
 DEFAULT_LENGTHS = (32768, 131072, 262144, 524288, 1048576)
 DEFAULT_OUT = "runs/bench"
 

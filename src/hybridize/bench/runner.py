@@ -36,9 +36,6 @@ __all__ = ["BenchOptions", "run_bench", "DEFAULT_LENGTHS", "DEFAULT_OUT"]
 
 _log = logging.getLogger("hybridize")
 
-#: 32K, 128K, 256K, 512K and 1M tokens
-
-
 @dataclass
 class BenchOptions:
     """Options of :func:`run_bench` (the CLI flags of ``hybridize bench``).
@@ -91,15 +88,16 @@ class BenchOptions:
 
 
 def _git_state(override: str | None) -> dict:
+    from ..convert.stage import git_commit
+
     root = Path(__file__).resolve().parents[3]
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
         # tracked files only: untracked ones (carried wheels, data, outputs) are not the code that ran
         dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
                                     text=True, check=True).stdout.strip())
     except (OSError, subprocess.CalledProcessError):
-        commit, dirty = None, None
-    return {"commit": override or commit or "unknown", "uncommitted_changes": dirty}
+        dirty = None
+    return {"commit": override or git_commit() or "unknown", "uncommitted_changes": dirty}
 
 
 def _version(name: str) -> str | None:

@@ -58,6 +58,10 @@ def final_model_dir(run_dir: Path) -> Path:
     )
 
 
+def _training_stages(opts: ConvertOptions) -> tuple[str, ...]:
+    return ("stage1", "stage2", "stage3") if opts.stage3 else ("stage1", "stage2")
+
+
 def _settings(opts: ConvertOptions, stage: str) -> TrainSettings:
     common = {"checkpoint_every": opts.checkpoint_every, "grad_accum": opts.grad_accum,
               "reshard_after_forward": opts.fsdp_reshard_after_forward, "profile_steps": opts.profile_steps}
@@ -121,7 +125,7 @@ def check_convert_options(opts: ConvertOptions, num_layers: int | None = None) -
     from .distributed import env_world_size
 
     world = env_world_size()
-    for stage in ("stage1", "stage2", "stage3") if opts.stage3 else ("stage1", "stage2"):
+    for stage in _training_stages(opts):
         check_batch_split(_settings(opts, stage), world, stage)  # also checks --grad-accum itself
     layer_types = given_layer_types(opts)
     if layer_types is not None and opts.num_attention is not None:
@@ -350,8 +354,7 @@ def run_convert(opts: ConvertOptions) -> dict:
         from ..data.corpora import check_text_specs
 
         check_text_specs(opts.data)
-    stages = ("stage1", "stage2", "stage3") if opts.stage3 else ("stage1", "stage2")
-    for name in stages:
+    for name in _training_stages(opts):
         plan_steps(_settings(opts, name), None, name)
     _check_run_dir(run_dir, opts)
     if opts.threads:
