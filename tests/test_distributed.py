@@ -32,21 +32,28 @@ def _torchrun(*args, port):
 @pytest.mark.slow
 def test_fsdp2_two_processes_match_one(tiny_teacher_dir, data_file, tmp_path):  # noqa: F811
     """1 process, 2 FSDP2 processes, 1 process with 2 accumulated micro-batches, 2 processes with 2 each
-    (FSDP2 gradient reduction only after the last one) and 2 processes keeping the gathered weights from
-    forward to backward (--no-fsdp-reshard): the same losses, gradient norms and weights."""
+    (FSDP2 gradient reduction only after the last one), 2 processes keeping the gathered weights from
+    forward to backward (--no-fsdp-reshard), 2 processes prefetching two layers ahead (--fsdp-prefetch 2) and 2
+    processes with one FSDP2 unit for all trained weights (--fsdp-unit model; stage 1 keeps one per mixer): the
+    same losses, gradient norms and weights."""
     single = tmp_path / "single"
     _run([sys.executable, str(WORKER), str(tiny_teacher_dir), str(data_file), str(single)])
-    others = {
-        "sharded": _torchrun(str(WORKER), str(tiny_teacher_dir), str(data_file), str(tmp_path / "sharded"), port=29517),
-        "accum": [sys.executable, str(WORKER), str(tiny_teacher_dir), str(data_file), str(tmp_path / "accum"), "2"],
-        "sharded_accum": _torchrun(str(WORKER), str(tiny_teacher_dir), str(data_file), str(tmp_path / "sharded_accum"), "2",
-                                   port=29518),
-        "sharded_keep": _torchrun(str(WORKER), str(tiny_teacher_dir), str(data_file), str(tmp_path / "sharded_keep"), "1",
-                                  "keep", port=29519),
+    variants = {  # name -> (processes, ConvertOptions fields)
+        "sharded": (2, []),
+        "accum": (1, ["grad_accum=2"]),
+        "sharded_accum": (2, ["grad_accum=2"]),
+        "sharded_keep": (2, ["fsdp_reshard_after_forward=false"]),
+        "sharded_prefetch": (2, ["fsdp_prefetch=2"]),
+        "sharded_model_unit": (2, ["fsdp_unit=model"]),
     }
+    others = {}
+    for port, (name, (nproc, fields)) in enumerate(variants.items(), start=29517):
+        args = [str(WORKER), str(tiny_teacher_dir), str(data_file), str(tmp_path / name), *fields]
+        others[name] = _torchrun(*args, port=port) if nproc == 2 else [sys.executable, *args]
     wa = load_file(str(single / "stage2" / "model" / "model.safetensors"))
     for name, cmd in others.items():
         _run(cmd)
+        fields = variants[name][1]
         other = tmp_path / name
         for stage in ("stage1", "stage2"):
             a = json.loads((single / stage / "manifest.json").read_text())
@@ -55,12 +62,74 @@ def test_fsdp2_two_processes_match_one(tiny_teacher_dir, data_file, tmp_path):  
             assert b["loss_curve"] == pytest.approx(a["loss_curve"], rel=1e-4, abs=1e-6), (name, stage)
             assert len(a["grad_norm_curve"]) == len(a["loss_curve"]) and min(a["grad_norm_curve"]) > 0
             assert b["grad_norm_curve"] == pytest.approx(a["grad_norm_curve"], rel=1e-4), (name, stage)  # global norm
+            for field in fields:  # the option reached the stage's settings
+                key, value = field.split("=")
+                if key in ("fsdp_prefetch", "fsdp_unit"):
+                    assert str(b["settings"][key]) == value, (name, stage, key)
             if stage == "stage1":  # the last step's per-layer losses, over micro-batches and processes
                 assert b["per_layer_mse"] == pytest.approx(a["per_layer_mse"], rel=1e-4), name
         wb = load_file(str(other / "stage2" / "model" / "model.safetensors"))
         assert wa.keys() == wb.keys()
         for k in wa:
             torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5, msg=f"{name} {k}")
+
+
+@pytest.mark.slow
+def test_shard_modules_bf16_all_gathers_and_prefetch(tmp_path):
+    """``shard_modules`` on 2 gloo processes: with ``param_dtype="bf16"`` every layer's forward sees bf16 weights
+    (FSDP2 gathered them in bf16) while the sharded master weights and their gradients stay fp32, and training
+    under bf16 autocast stays within bf16 rounding of one fp32 process; with fp32 and explicit prefetch (2 layers
+    ahead) the run equals one process."""
+    shard_worker = Path(__file__).with_name("dist_shard_worker.py")
+    _run([sys.executable, str(shard_worker), str(tmp_path / "single.json"), "fp32", "0"])
+    for name, dtype, prefetch, port in (("bf16", "bf16", "1", 29531), ("prefetch", "fp32", "2", 29532)):
+        _run(_torchrun(str(shard_worker), str(tmp_path / f"{name}.json"), dtype, prefetch, port=port))
+    single, bf16, prefetch = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("single", "bf16", "prefetch"))
+    assert {tuple(s) for s in single["seen"]} == {("torch.float32", "torch.float32")}
+    assert len(bf16["seen"]) == 12 and {tuple(s) for s in bf16["seen"]} == {("torch.bfloat16", "torch.bfloat16")}
+    assert bf16["param_dtypes"] == bf16["grad_dtypes"] == ["torch.float32"]
+    assert bf16["losses"] == pytest.approx(single["losses"], rel=1e-3)  # measured 2e-4
+    assert {tuple(s) for s in prefetch["seen"]} == {("torch.float32", "torch.float32")}
+    assert prefetch["losses"] == pytest.approx(single["losses"], rel=1e-4)
+    for k, w in single["weights"].items():
+        torch.testing.assert_close(torch.tensor(prefetch["weights"][k]), torch.tensor(w), rtol=1e-4, atol=1e-5, msg=k)
+        torch.testing.assert_close(torch.tensor(bf16["weights"][k]), torch.tensor(w), rtol=0, atol=1e-3, msg=k)  # measured 6e-5
+
+
+def test_prefetch_plan_and_shard_options_are_checked():
+    from hybridize.convert.distributed import prefetch_plan, shard_modules
+
+    assert prefetch_plan(4, 1) == [([1], []), ([2], [0]), ([3], [1]), ([], [2])]
+    assert prefetch_plan(4, 2) == [([1, 2], []), ([2, 3], [0]), ([3], [1, 0]), ([], [2, 1])]
+    assert prefetch_plan(1, 3) == [([], [])]
+    with pytest.raises(ValueError, match="--fsdp-param-dtype"):
+        shard_modules([], param_dtype="fp16")
+    with pytest.raises(ValueError, match="--fsdp-prefetch"):
+        shard_modules([], prefetch=-1)
+    with pytest.raises(ValueError, match="--fsdp-unit"):
+        shard_modules([], unit="block")
+    with pytest.raises(ValueError, match="needs the root module"):
+        shard_modules([], unit="model")
+    with pytest.raises(ValueError, match="needs --fsdp-unit layer"):
+        shard_modules([], torch.nn.Linear(2, 2), unit="model", prefetch=1)
+
+
+def test_fsdp_options_are_checked_before_any_work(monkeypatch, tmp_path):
+    from hybridize.convert.pipeline import ConvertOptions, check_convert_options
+
+    opts = ConvertOptions(out=str(tmp_path / "run"), device="cpu", fsdp_param_dtype="bf16")
+    check_convert_options(opts)  # one process: no FSDP2, nothing to refuse
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="--fsdp-param-dtype bf16 needs CUDA"):
+        check_convert_options(opts)
+    with pytest.raises(ValueError, match="--fsdp-prefetch"):
+        check_convert_options(ConvertOptions(out=str(tmp_path / "run"), device="cpu", fsdp_prefetch=-2))
+    with pytest.raises(ValueError, match="--fsdp-param-dtype must be one of"):
+        check_convert_options(ConvertOptions(out=str(tmp_path / "run"), device="cpu", fsdp_param_dtype="float16"))
+    with pytest.raises(ValueError, match="--fsdp-unit must be one of"):
+        check_convert_options(ConvertOptions(out=str(tmp_path / "run"), device="cpu", fsdp_unit="block"))
+    with pytest.raises(ValueError, match="needs --fsdp-unit layer"):
+        check_convert_options(ConvertOptions(out=str(tmp_path / "run"), device="cpu", fsdp_unit="model", fsdp_prefetch=1))
 
 
 def test_fsdp_scaling_script_refuses_bad_arguments(tmp_path):
@@ -258,3 +327,26 @@ def test_stage2_mixers_that_do_not_fit_are_named(tmp_path):
     path.write_bytes(b"\x00" * 20)
     with pytest.raises(CheckpointFormatError, match="cannot read the stage-1 mixers"):
         build_hybrid(teacher, ["lightning", "attention"], path)
+
+
+def test_fsdp_cpu_overhead_script(tmp_path, capsys):
+    """The CPU-overhead benchmark runs the library's stage-2 step with and without FSDP2 (fake process group) and
+    records ms per step per variant; bad arguments are named before any work."""
+    mod = benchmark_script("fsdp_cpu_overhead")
+    out = tmp_path / "r" / "overhead.json"
+    variants = ["one process", "FSDP2 per layer", "FSDP2 --fsdp-unit model"]
+    assert mod.main(["--layer-types", "LALL", "--steps", "5", "--repeats", "1", "--out", str(out), "--variants", *variants]) == 0
+    record = json.loads(out.read_text())
+    assert list(record["results"]) == variants and record["torch"] == torch.__version__ and record["git_commit"]
+    for r in record["results"].values():
+        assert r["ms_per_step"] > 0 and r["runs_ms_per_step"] == [r["ms_per_step"]]
+    assert record["results"]["one process"]["extra_ms_vs_one_process"] == 0
+    capsys.readouterr()
+    for argv, message in ((["--variants", "two processes"], "unknown variant"), (["--layer-types", "LAX"], "letters A and L"),
+                          (["--steps", "3"], "--steps must be >= 5"), (["--heads", "9", "--kv-heads", "2"], "multiple"),
+                          (["--out", str(tmp_path / "f" / "x.json")], "--out")):
+        if argv[0] == "--out":
+            (tmp_path / "f").write_text("a file")
+        with pytest.raises(SystemExit) as exc:
+            mod.main(argv)
+        assert exc.value.code == 2 and message in capsys.readouterr().err, argv

@@ -49,7 +49,7 @@ def interpreter_results() -> dict:
 @_needs_triton
 @pytest.mark.parametrize("name", list(checks.CHECKS))
 def test_fused_interpreted(interpreter_results, name):
-    """fused_block_scores == _window_block_scores (rel 2e-6) and fused selection == torch selection (exact)."""
+    """fused_block_scores == _window_block_scores (rel 2e-6 in fp32, 1e-3 for bf16/fp16 inputs) and fused selection == torch selection (exact)."""
     assert interpreter_results[name] == "ok", interpreter_results[name]
 
 

@@ -120,11 +120,13 @@ def check_scores_fp32(i):
 def check_scores_half(i, dtype):
     """bf16/fp16: the dot is rounded to the input dtype as torch's matmul rounds the reference logits.
 
-    CPU torch's bf16 matmul is exactly "fp32 sum, rounded once"; its fp16 matmul is not for ~0.1% of the
-    logits (one fp16 step off), hence the looser fp16 tolerance."""
+    CPU torch's half-precision matmul is "fp32 sum, rounded once" only up to the order of the sum, which
+    depends on the CPU (an AMX Xeon's bf16 matmul lands one bf16 step off the kernel's for a few logits: a
+    score off by 1.3e-4 relative, where the CPUs of earlier sessions matched to 2e-6; fp16 is one step off for ~0.1% of the
+    logits everywhere), hence a tolerance of 1e-3 for both."""
     b, hq, hkv, tq, tk, d = SHAPES[i]
     q, _, ck, visible, nb = _inputs(b, hq, hkv, tq, tk, d, getattr(torch, dtype), SALA, seed=1)
-    _compare(q, ck, visible, nb, SALA, rtol=RTOL if dtype == "bfloat16" else 1e-3)
+    _compare(q, ck, visible, nb, SALA, rtol=1e-3)
 
 
 def check_scores_other_sizes(name):

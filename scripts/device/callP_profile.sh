@@ -1,30 +1,54 @@
 #!/usr/bin/env bash
-# Device run for issue 7's throughput question, two calls on one held 2-GPU machine:
-#   STEP=stash   (carry .whl .gpu1): keeps the first half of the teacher GGUF and the text assets; returns at once.
-#   STEP=profile (carry .whl .gpu2): joins the GGUF, builds the training text, then runs stages 1-2 of the
-#   embedded teacher's conversion on 1 GPU and on 2 GPUs (FSDP2) with --profile-steps 3 (same settings as
-#   benchmarks/results/fsdp2_h200x2_74d9855) and returns each run's manifests, logs and per-rank profile tables
-#   (the traces only gzipped and when small). Needs about 5 minutes warm.
+# Device run for issue 7's throughput question, calls on one held 2-GPU machine:
+#   STEP=stash    (carry .whl .gpu1): keeps the first half of the teacher GGUF and the text assets; returns at once.
+#   STEP=profile  (carry .whl .gpu2): joins the GGUF, builds the training text, then runs stages 1-2 of the
+#     embedded teacher's conversion on 1 GPU and on 2 GPUs (FSDP2) with --profile-steps 3 (same settings as
+#     benchmarks/results/fsdp2_h200x2_74d9855) and returns each run's manifests, logs and per-rank profile tables
+#     (the traces only gzipped and when small). Needs about 5 minutes warm.
+#   STEP=variants (carry .whl; after STEP=profile on the same held machine): stage 2 again, on the stage 1 of the
+#     profile runs, once per entry of VARIANTS ("gpus:label:convert flags", entries separated by ';'; default: the
+#     FSDP2 options --fsdp-unit model (with and without --no-fsdp-reshard), --fsdp-prefetch 1,
+#     --fsdp-param-dtype bf16, and a second 1-GPU run for the run-to-run spread); about a minute each.
 source scripts/device/common.sh
 mkdir -p $RES/logs
-if [ "${STEP:?set STEP=stash or STEP=profile}" = stash ]; then
-  stash_gpu1 && echo stashed
-  exit $?
-fi
-join_gpu2 || exit 1
 LT=$H200_LT
 FLAGS="--data /root/h200_train.jsonl --layer-types $LT --seq-len 512 --stage1-tokens 983040 --stage1-batch 64
-  --stage2-tokens 2621440 --stage2-batch 128 --no-eval --device cuda --checkpoint-every 1000 --profile-steps 3 ${EXTRA:-}"
-for n in 1 2; do
-  rm -rf /root/prof_runs/${n}gpu
-  timeout ${PER_RUN:-240} python3 -m torch.distributed.run --standalone --nproc_per_node=$n -m hybridize convert $FLAGS \
-    --out /root/prof_runs/${n}gpu > $RES/${n}gpu.log 2>&1
-  echo "${n}gpu rc $?"
-  copy_run /root/prof_runs/${n}gpu $RES/${n}gpu
-  (cd /root/prof_runs/${n}gpu && find . -name 'profile_rank*.txt' -exec cp --parents {} $RES/${n}gpu \;)
-  for t in /root/prof_runs/${n}gpu/stage2/profile_rank*.json; do
-    [ -f "$t" ] && [ $(stat -c %s "$t") -lt 80000000 ] && gzip -c "$t" > $RES/${n}gpu/stage2/$(basename $t).gz
+  --stage2-tokens 2621440 --stage2-batch 128 --no-eval --device cuda --checkpoint-every 1000"
+convert() {  # convert <gpus> <run dir> <log> <extra flags...>
+  local n=$1 dir=$2 log=$3; shift 3
+  timeout ${PER_RUN:-240} python3 -m torch.distributed.run --standalone --nproc_per_node=$n -m hybridize convert $FLAGS "$@" \
+    --out $dir > $log 2>&1
+  echo "$(basename $dir) rc $? $(grep -ho 'stage2 step [0-9/]* loss [0-9.]*.*tok/s' $log | tail -1)"
+}
+case "${STEP:?set STEP=stash, profile or variants}" in
+stash)
+  stash_gpu1 && echo stashed
+  exit $? ;;
+profile)
+  join_gpu2 || exit 1
+  for n in 1 2; do
+    rm -rf /root/prof_runs/${n}gpu
+    convert $n /root/prof_runs/${n}gpu $RES/${n}gpu.log --profile-steps 3 ${EXTRA:-}
+    copy_run /root/prof_runs/${n}gpu $RES/${n}gpu
+    (cd /root/prof_runs/${n}gpu && find . -name 'profile_rank*.txt' -exec cp --parents {} $RES/${n}gpu \;)
+    for t in /root/prof_runs/${n}gpu/stage2/profile_rank*.json; do
+      [ -f "$t" ] && [ $(stat -c %s "$t") -lt 80000000 ] && gzip -c "$t" > $RES/${n}gpu/stage2/$(basename $t).gz
+    done
+    grep -h "profiled steps" $RES/${n}gpu.log
   done
-  grep -h "profiled steps" $RES/${n}gpu.log
-done
-tar czf "$OUT/profile.tgz" -C $RES . && ls -la "$OUT"
+  tar czf "$OUT/profile.tgz" -C $RES . && ls -la "$OUT" ;;
+variants)
+  [ -f /root/h200_train.jsonl ] || { echo "run STEP=profile first on this held machine"; exit 1; }
+  DEFAULT="2:unit_model:--fsdp-unit model;2:unit_model_keep:--fsdp-unit model --no-fsdp-reshard;2:prefetch1:--fsdp-prefetch 1;2:bf16:--fsdp-param-dtype bf16;1:1gpu_again:"
+  IFS=';' read -ra ENTRIES <<< "${VARIANTS:-$DEFAULT}"
+  for entry in "${ENTRIES[@]}"; do
+    IFS=':' read -r n label flags <<< "$entry"
+    [ $SECONDS -lt $((END - 70)) ] || { echo "$label: skipped, call budget spent"; continue; }
+    dir=/root/var_runs/$label
+    rm -rf $dir && mkdir -p $dir && cp -r /root/prof_runs/${n}gpu/stage0 /root/prof_runs/${n}gpu/stage1 $dir/ || continue
+    convert $n $dir $RES/var_$label.log $flags
+    copy_run $dir $RES/var_$label
+  done
+  tar czf "$OUT/variants.tgz" -C $RES . && ls -la "$OUT" ;;
+*) echo "unknown STEP=$STEP"; exit 2 ;;
+esac

@@ -268,7 +268,7 @@ def _bench(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .convert.options import SELECTION_METHODS, ConvertOptions
+    from .convert.options import FSDP_PARAM_DTYPES, FSDP_UNITS, SELECTION_METHODS, ConvertOptions
 
     d = ConvertOptions()
     p = argparse.ArgumentParser(prog="hybridize", description="Turn a pretrained Transformer into a hybrid linear-attention model.")
@@ -306,6 +306,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-fsdp-reshard", dest="fsdp_reshard_after_forward", action="store_false",
                    help="under torchrun (FSDP2): keep each layer's gathered weights from its forward to its backward "
                         "(one all-gather fewer per layer and step; more memory); default: free them after the forward")
+    c.add_argument("--fsdp-param-dtype", choices=FSDP_PARAM_DTYPES, default=d.fsdp_param_dtype,
+                   help="under torchrun (FSDP2) on GPUs: the dtype the weights are all-gathered in; bf16 moves half the "
+                        "bytes (gradients still reduced in fp32, master weights fp32) but norms and gates then see bf16 "
+                        "weights; default fp32 (the forward of a one-process run)")
+    c.add_argument("--fsdp-prefetch", type=_nonnegative_int, default=d.fsdp_prefetch,
+                   help="under torchrun (FSDP2), stages 2-3: each decoder layer issues the all-gathers of the next N layers "
+                        "(and of the N before it in the backward) once its own are done; 0 (default): FSDP2's own overlap")
+    c.add_argument("--fsdp-unit", choices=FSDP_UNITS, default=d.fsdp_unit,
+                   help="under torchrun (FSDP2), stages 2-3: layer = one unit per decoder layer (a rank holds one layer's whole weights "
+                        "at a time; for large teachers); model = one unit for all trained weights (gathered at once, "
+                        "as much memory as plain data parallelism; no per-layer hooks: less CPU time per step, for "
+                        "small teachers)")
     c.add_argument("--profile-steps", type=_nonnegative_int, default=d.profile_steps,
                    help="record this many optimizer steps of each training stage with torch.profiler (after the first 3): "
                         "<stage>/profile_rank<r>.txt (ops by device time), .json (Chrome/Perfetto trace) and the "

@@ -169,7 +169,9 @@ def run_stage1(teacher, train_data: torch.Tensor, run_dir, settings: TrainSettin
         + mixing_flops_per_token(["lightning"] * len(mixers), config.num_attention_heads, config.head_dim,
                                  settings.seq_len, config.lightning_chunk_size)
     )
-    shard_modules(list(mixers), reshard_after_forward=settings.reshard_after_forward)
+    # one FSDP2 unit per mixer whatever --fsdp-unit / --fsdp-prefetch say: each mixer is a root of its own, its
+    # backward runs right after its forward (alignment_losses), and no module runs them all
+    shard_modules(list(mixers), reshard_after_forward=settings.reshard_after_forward, param_dtype=settings.fsdp_param_dtype)
     params = {f"layers.{i}.{k}": p for i, m in enumerate(mixers) for k, p in m.named_parameters()}
     # per-layer losses of the last step's micro-batches (one entry per micro-batch with --grad-accum)
     recent: deque[list[float]] = deque(maxlen=settings.grad_accum)

@@ -126,7 +126,8 @@ def _distill(stage, teacher, student, tokenizer, data, settings, inputs, seed, l
         flops += forward_flops_per_token(teacher, settings.seq_len)
     params_before = trainable_parameters(student)  # freezes embeddings / head before sharding
     frozen = {p for p in student.parameters() if not p.requires_grad}
-    shard_modules(list(student.model.layers), student.model, ignored=frozen, reshard_after_forward=settings.reshard_after_forward)
+    shard_modules(list(student.model.layers), student.model, ignored=frozen, reshard_after_forward=settings.reshard_after_forward,
+                  param_dtype=settings.fsdp_param_dtype, prefetch=settings.fsdp_prefetch, unit=settings.fsdp_unit)
     params = {name: p for name, p in student.named_parameters() if name in params_before}
 
     def kl_loss(batch):

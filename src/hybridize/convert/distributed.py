@@ -16,7 +16,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["DistContext", "env_world_size", "init_distributed", "context", "shard_modules", "full_tensor", "load_full_", "all_reduce_mean", "barrier", "set_gradient_sync"]
+from .options import FSDP_PARAM_DTYPES, FSDP_UNITS
+
+__all__ = ["DistContext", "env_world_size", "init_distributed", "context", "shard_modules", "prefetch_plan", "full_tensor", "load_full_", "all_reduce_mean", "barrier", "set_gradient_sync"]
 
 log = logging.getLogger("hybridize")
 
@@ -85,24 +87,88 @@ def context() -> DistContext:
     return DistContext(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
 
+#: the torch dtype of each ``--fsdp-param-dtype`` choice (gradients are reduced in fp32 either way)
+_PARAM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+assert tuple(_PARAM_DTYPES) == FSDP_PARAM_DTYPES
+
+
 def shard_modules(
-    units: list[nn.Module], root: nn.Module | None = None, ignored: set | None = None, reshard_after_forward: bool = True
+    units: list[nn.Module],
+    root: nn.Module | None = None,
+    ignored: set | None = None,
+    reshard_after_forward: bool = True,
+    param_dtype: str = "fp32",
+    prefetch: int = 0,
+    unit: str = "layer",
 ) -> None:
     """FSDP2-shard each module of ``units`` (e.g. decoder layers), then ``root``; no-op in one process.
 
-    ``ignored`` parameters (e.g. frozen, tied embeddings and LM head, used outside ``root``'s forward)
-    stay whole on every rank. ``reshard_after_forward`` (FSDP2's option of the same name): True frees each
-    unit's gathered weights after its forward and gathers them again for the backward (least memory); False
-    keeps them until the backward (one all-gather fewer per unit and step, the whole weights on every rank).
+    Args:
+        units: the modules to shard one by one, in the order their forwards run (``prefetch`` relies on it).
+        root: the module holding ``units`` (sharded last: its own remaining parameters form one more unit).
+        unit: ``"layer"``: each of ``units`` is an FSDP2 unit (a rank holds one unit's whole weights at a time:
+            least memory, for large models); ``"model"``: ``root`` is the only unit (needs ``root``): all weights
+            are gathered at the start of the forward and their gradients reduced at the end of the backward, as
+            memory-hungry as plain data parallelism but without FSDP2's per-layer hooks (less CPU time per step:
+            for small models, whose steps are short). ``prefetch`` needs ``"layer"``.
+        ignored: parameters (e.g. frozen, tied embeddings and LM head, used outside ``root``'s forward) that
+            stay whole on every rank.
+        reshard_after_forward: FSDP2's option of the same name: True frees each unit's gathered weights after
+            its forward and gathers them again for the backward (least memory); False keeps them until the
+            backward (one all-gather fewer per unit and step, the whole weights on every rank).
+        param_dtype: ``"fp32"`` (all-gather the fp32 master weights; the forward sees exactly the weights of a
+            one-process run) or ``"bf16"`` (FSDP2 ``MixedPrecisionPolicy(param_dtype=bfloat16,
+            reduce_dtype=float32, cast_forward_inputs=False)``: the all-gathers move half the bytes and the
+            forward's weights are bf16 copies, which bf16 autocast would make of the matmul weights anyway; the
+            norms' and gates' weights are then bf16 too, so the arithmetic is not that of one process). The
+            activations keep their dtype; needs an autocast region for the bf16 weights' matmuls (CUDA training).
+        prefetch: 0 = FSDP2's own overlap (a unit's all-gather is issued when the CPU reaches it in the
+            forward; the previous unit's is prefetched in the backward); k >= 1 = explicit prefetch: each unit
+            issues the all-gathers of the next k units (forward) and of the k before it (backward) as soon as
+            its own weights are gathered (FSDP2 ``set_modules_to_forward_prefetch`` /
+            ``set_modules_to_backward_prefetch``), so a CPU that does not run ahead of the GPU does not delay
+            them; k >= 2 holds more gathered weights at once. Changes no arithmetic. Only for units whose
+            backwards run in the reverse order of their forwards (a layer stack trained through one loss).
+
+    Raises:
+        ValueError: an unknown ``param_dtype`` or ``unit``, a negative ``prefetch``, ``"model"`` without ``root``
+            or with ``prefetch``.
     """
+    if param_dtype not in FSDP_PARAM_DTYPES:
+        raise ValueError(f"FSDP2 parameter dtype must be one of {FSDP_PARAM_DTYPES} (--fsdp-param-dtype), got {param_dtype!r}")
+    if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
+        raise ValueError(f"FSDP2 prefetch must be an integer >= 0 (--fsdp-prefetch), got {prefetch!r}")
+    if unit not in FSDP_UNITS:
+        raise ValueError(f"FSDP2 unit must be one of {FSDP_UNITS} (--fsdp-unit), got {unit!r}")
+    if unit == "model" and root is None:
+        raise ValueError("an FSDP2 unit for the whole model needs the root module that runs the units' forwards")
+    if prefetch and unit != "layer":
+        raise ValueError("--fsdp-prefetch prefetches the next layers' all-gathers: it needs --fsdp-unit layer "
+                         "(with --fsdp-unit model every weight is gathered at once)")
     if not context().enabled:
         return
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    for unit in units:
-        fully_shard(unit, ignored_params=ignored, reshard_after_forward=reshard_after_forward)
+    policy = MixedPrecisionPolicy()
+    if param_dtype != "fp32":
+        policy = MixedPrecisionPolicy(param_dtype=_PARAM_DTYPES[param_dtype], reduce_dtype=torch.float32,
+                                      cast_forward_inputs=False)
+    options = {"ignored_params": ignored, "reshard_after_forward": reshard_after_forward, "mp_policy": policy}
+    if unit == "layer":
+        for module in units:
+            fully_shard(module, **options)
     if root is not None:
-        fully_shard(root, ignored_params=ignored, reshard_after_forward=reshard_after_forward)
+        fully_shard(root, **options)
+    if prefetch:
+        for module, (forward, backward) in zip(units, prefetch_plan(len(units), prefetch)):
+            module.set_modules_to_forward_prefetch([units[j] for j in forward])
+            module.set_modules_to_backward_prefetch([units[j] for j in backward])
+
+
+def prefetch_plan(n: int, k: int) -> list[tuple[list[int], list[int]]]:
+    """For each of ``n`` units run in order, the units whose all-gathers it prefetches with ``k`` > 0: in the
+    forward the next k (in forward order), in the backward the k before it (nearest first, the backward's order)."""
+    return [(list(range(i + 1, min(n, i + 1 + k))), list(range(i - 1, max(-1, i - 1 - k), -1))) for i in range(n)]
 
 
 def set_gradient_sync(modules: list[nn.Module], enabled: bool) -> None:

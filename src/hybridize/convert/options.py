@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["ConvertOptions", "RECIPES", "SELECTION_METHODS", "PPL_TEXTS", "PASSKEY_FORMS"]
+__all__ = ["ConvertOptions", "RECIPES", "SELECTION_METHODS", "PPL_TEXTS", "PASSKEY_FORMS", "FSDP_PARAM_DTYPES", "FSDP_UNITS"]
 
 #: ``--ppl-text`` choices: the whole held-out split, or only its essays concatenated in order
 PPL_TEXTS = ("heldout", "essay")
@@ -18,6 +18,11 @@ SELECTION_METHODS = ("halo", "even", "even-latter", "recall-drop", "kl-guided")
 #: ``hypenet``: kept layers are NoPE+HyPE softmax attention (SPEC 1b); ``sala``: kept layers are InfLLM-V2
 #: sparse attention (SPEC 1c), first and last layers always kept (MiniCPM-SALA recipe).
 RECIPES = ("hypenet", "sala")
+
+#: ``--fsdp-param-dtype`` choices: the dtype FSDP2 all-gathers the weights in (:func:`hybridize.convert.distributed.shard_modules`)
+FSDP_PARAM_DTYPES = ("fp32", "bf16")
+#: ``--fsdp-unit`` choices: one FSDP2 unit per decoder layer, or one for the whole trained model
+FSDP_UNITS = ("layer", "model")
 
 
 @dataclass
@@ -60,6 +65,9 @@ class ConvertOptions:
     checkpoint_every: int = 20
     grad_accum: int = 1
     fsdp_reshard_after_forward: bool = True
+    fsdp_param_dtype: str = "fp32"
+    fsdp_prefetch: int = 0
+    fsdp_unit: str = "layer"
     profile_steps: int = 0
     device: str | None = None
     seed: int = 0

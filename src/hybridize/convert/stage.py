@@ -122,8 +122,10 @@ def cosine_lr(step: int, total: int, peak: float, final: float, warmup: int) -> 
 
 
 def make_optimizer(params, lr: float) -> torch.optim.AdamW:
-    """AdamW with betas (0.9, 0.95) and no weight decay (SPEC 2)."""
-    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    """AdamW with betas (0.9, 0.95) and no weight decay (SPEC 2), in torch's fused implementation (one kernel for
+    all parameters instead of a dozen multi-tensor ops or a loop over them: less CPU time per step, which FSDP2's
+    sharded parameters make dearer still; the same update up to rounding)."""
+    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0, fused=True)
 
 
 @dataclass

@@ -40,6 +40,13 @@ class TrainSettings:
             step, its loss and its gradient are those of the whole batch. Lowers activation memory.
         reshard_after_forward: under FSDP2, free each layer's gathered weights after its forward (True, least
             memory) or keep them for the backward (False, fewer all-gathers); no effect in one process.
+        fsdp_param_dtype: under FSDP2, the dtype the weights are all-gathered in, ``"fp32"`` or ``"bf16"``
+            (:func:`~hybridize.convert.distributed.shard_modules`); no effect in one process.
+        fsdp_prefetch: under FSDP2 in stages 2 and 3, how many decoder layers ahead each layer prefetches the
+            all-gathers (0: FSDP2's own overlap; :func:`~hybridize.convert.distributed.shard_modules`).
+        fsdp_unit: under FSDP2 in stages 2 and 3, ``"layer"`` (one unit per decoder layer) or ``"model"`` (one
+            unit for all trained weights; :func:`~hybridize.convert.distributed.shard_modules`); stage 1 always
+            shards each mixer on its own.
         profile_steps: record this many optimizer steps with ``torch.profiler`` (after the first 3 of the run,
             when the stage has that many; else from the second step), into ``<stage>/profile_rank<r>.txt``
             (ops by device time) and ``profile_rank<r>.json`` (a Chrome/Perfetto trace); 0 = off. The profiled
@@ -56,6 +63,9 @@ class TrainSettings:
     grad_clip: float | None = 1.0
     grad_accum: int = 1
     reshard_after_forward: bool = True
+    fsdp_param_dtype: str = "fp32"
+    fsdp_prefetch: int = 0
+    fsdp_unit: str = "layer"
     profile_steps: int = 0
 
 

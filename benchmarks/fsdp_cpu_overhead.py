@@ -1,0 +1,192 @@
+"""CPU time of one stage-2 training step with and without FSDP2, at sizes where the arithmetic costs nothing.
+
+Issue 7: stage 2 of the embedded teacher (SmolLM2-135M, 30 thin layers) ran 1.65x faster on two H200s than on
+one, not the 1.8x asked for, and ``--no-fsdp-reshard`` gained 2-3% although it saves only about a millisecond of
+NVLink traffic per step. A step whose kernels are short is limited by the CPU that launches them once the CPU
+no longer runs ahead of the GPU, and FSDP2 adds CPU work to every step: per-unit hooks, the all-gather copy-in
+and copy-out, gradient reduce-scatter bookkeeping, ``DTensor`` dispatch in the optimizer and the gradient clip.
+This script measures that CPU work alone. It runs the library's own stage-2 step
+(:func:`hybridize.convert.distill._distill`: teacher forward, student forward and backward, chunked KL,
+gradient clip, AdamW) on a random teacher of the embedded teacher's structure (layer count, heads, KV heads,
+``--layer-types``) but ``--head-dim`` 8 and a 256-token vocabulary, one ``--rows`` x ``--seq-len`` batch per
+process, on one CPU thread:
+
+* ``one process``: no FSDP2;
+* the FSDP2 variants: rank 0 of a 2-process group of torch's *fake* backend (``torch.testing._internal``), whose
+  collectives return at once, so no communication time is counted, only what the process does around it.
+
+Each variant runs in a child process; the figure is the trainer's steady seconds per step (``--steps`` steps,
+the first 3 left out), the best of ``--repeats`` runs. These are CPU milliseconds, not GPU throughput: on a GPU
+they are hidden while the CPU runs ahead of the kernels and add to the step when it does not.
+
+    python benchmarks/fsdp_cpu_overhead.py --out benchmarks/results/fsdp_cpu_overhead.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+#: variant name -> (FSDP2 engaged, TrainSettings fields, optimizer: "library" or "foreach" = torch's default on CUDA)
+VARIANTS = {
+    "one process": (False, {}, "library"),
+    "one process, foreach AdamW": (False, {}, "foreach"),
+    "FSDP2 per layer": (True, {}, "library"),
+    "FSDP2 per layer, foreach AdamW": (True, {}, "foreach"),
+    "FSDP2 per layer, --no-fsdp-reshard": (True, {"reshard_after_forward": False}, "library"),
+    "FSDP2 per layer, --fsdp-prefetch 1": (True, {"fsdp_prefetch": 1}, "library"),
+    "FSDP2 --fsdp-unit model": (True, {"fsdp_unit": "model"}, "library"),
+    "FSDP2 --fsdp-unit model --no-fsdp-reshard": (True, {"fsdp_unit": "model", "reshard_after_forward": False}, "library"),
+}
+SMOLLM2_LAYER_TYPES = "LLLLLLLLLALLLLLLALLALALLLAALLA"  # the schedule of the H200 runs (issue 7)
+
+
+def _child(args) -> None:
+    """One variant in this process; prints its figures as one JSON line."""
+    import torch
+    import torch.distributed as dist
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hybridize.convert import distill, stage as stage_mod, trainer
+    from hybridize.convert.distill import _distill, build_hybrid
+    from hybridize.convert.stage import StageDir
+    from hybridize.convert.trainer import TrainSettings
+
+    sharded, fields, optimizer = VARIANTS[args.child]
+    torch.set_num_threads(1)
+    if sharded:
+        from torch.testing._internal.distributed.fake_pg import FakeStore
+
+        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
+    if optimizer == "foreach":  # what the trainer used before: torch's default AdamW (foreach on CUDA)
+        def foreach_adamw(params, lr):
+            return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0, foreach=True)
+
+        trainer.make_optimizer = stage_mod.make_optimizer = foreach_adamw
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=256, hidden_size=args.heads * args.head_dim, intermediate_size=4 * args.heads * args.head_dim,
+        num_hidden_layers=len(args.layer_types), num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+        max_position_embeddings=max(64, args.seq_len), tie_word_embeddings=True,
+    )
+    teacher = LlamaForCausalLM(cfg).requires_grad_(False).eval()
+    layer_types = ["attention" if c == "A" else "lightning" for c in args.layer_types]
+    student = build_hybrid(teacher, layer_types, None)
+    world = 2 if sharded else 1
+    data = torch.randint(3, cfg.vocab_size, (4 * args.rows * world * args.steps, args.seq_len))
+    settings = TrainSettings(tokens=args.steps * args.rows * world * args.seq_len, seq_len=args.seq_len,
+                             batch_size=args.rows * world, lr=1e-5, lr_final=1e-6, warmup=1, checkpoint_every=10**9,
+                             **fields)
+    distill.save_model_atomic = lambda *a, **k: None  # the saved model is not what is measured
+    with tempfile.TemporaryDirectory() as tmp:
+        st = StageDir(Path(tmp), "stage2")
+        st.begin()
+        manifest = _distill(st, teacher, student, None, data, settings, {}, 0, "kl", {})
+    seconds = settings.batch_size * settings.seq_len / manifest["steady_tokens_per_s"]
+    print(json.dumps({"variant": args.child, "ms_per_step": 1e3 * seconds, "steps": len(manifest["loss_curve"])}))
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--layer-types", default=SMOLLM2_LAYER_TYPES,
+                   help="one letter a layer (A attention, L Lightning); the default is the schedule of the H200 runs")
+    p.add_argument("--heads", type=int, default=9, help="attention heads (SmolLM2-135M: 9)")
+    p.add_argument("--kv-heads", type=int, default=3, help="KV heads (SmolLM2-135M: 3)")
+    p.add_argument("--head-dim", type=int, default=8, help="head dimension (kept small: the arithmetic is not measured)")
+    p.add_argument("--rows", type=int, default=1, help="sequences per process and step")
+    p.add_argument("--seq-len", type=int, default=16, help="tokens per sequence")
+    p.add_argument("--steps", type=int, default=12, help="optimizer steps per run (the first 3 are left out)")
+    p.add_argument("--repeats", type=int, default=2, help="runs of each variant (the best is kept)")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), metavar="NAME", help=f"of: {list(VARIANTS)}")
+    p.add_argument("--out", default=None, help="JSON file for the results (written at the end)")
+    p.add_argument("--commit", default=os.environ.get("HYBRIDIZE_GIT_COMMIT"), help="git commit to record")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child is not None:
+        _child(args)
+        return 0
+    bad = [v for v in args.variants if v not in VARIANTS]
+    if bad:
+        p.error(f"unknown variant(s) {bad}; choose from {list(VARIANTS)}")
+    if set(args.layer_types) - {"A", "L"} or not args.layer_types:
+        p.error(f"--layer-types takes the letters A and L only, got {args.layer_types!r}")
+    for flag, value in (("--heads", args.heads), ("--kv-heads", args.kv_heads), ("--head-dim", args.head_dim),
+                        ("--rows", args.rows), ("--seq-len", args.seq_len), ("--repeats", args.repeats)):
+        if value < 1:
+            p.error(f"{flag} must be >= 1, got {value}")
+    if args.steps < 5:
+        p.error(f"--steps must be >= 5 (the first 3 are left out of the figure), got {args.steps}")
+    if args.heads % args.kv_heads:
+        p.error(f"--heads {args.heads} must be a multiple of --kv-heads {args.kv_heads}")
+    if args.out is not None:
+        from hybridize.outdir import check_writable_dir
+
+        try:
+            check_writable_dir(Path(args.out).resolve().parent, "--out")
+        except ValueError as exc:
+            p.error(str(exc))
+
+    import torch
+
+    from hybridize.convert.stage import git_commit
+
+    common = ["--layer-types", args.layer_types, "--heads", str(args.heads), "--kv-heads", str(args.kv_heads),
+              "--head-dim", str(args.head_dim), "--rows", str(args.rows), "--seq-len", str(args.seq_len),
+              "--steps", str(args.steps)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WORLD_SIZE": "1"}
+    results = {}
+    for name in args.variants:
+        runs = []
+        for _ in range(args.repeats):
+            proc = subprocess.run([sys.executable, __file__, *common, "--child", name], capture_output=True, text=True,
+                                  env=env, timeout=1800)
+            line = proc.stdout.strip().splitlines()[-1:] if proc.returncode == 0 else []
+            if not line:
+                print(f"{name}: failed (rc {proc.returncode})\n{proc.stderr[-3000:]}", file=sys.stderr)
+                return 1
+            runs.append(json.loads(line[0])["ms_per_step"])
+        results[name] = {"ms_per_step": min(runs), "runs_ms_per_step": runs}
+        print(f"{name:45s} {min(runs):7.1f} ms/step   (runs: {', '.join(f'{r:.1f}' for r in runs)})", flush=True)
+    base = results.get("one process", {}).get("ms_per_step")
+    if base:
+        for name, r in results.items():
+            r["extra_ms_vs_one_process"] = r["ms_per_step"] - base
+    record = {
+        "what": "CPU milliseconds per stage-2 step (library step, tiny widths, one CPU thread); FSDP2 variants on rank 0 "
+                "of a 2-process fake process group (no communication time)",
+        "cpu": _cpu_model(),
+        "torch": torch.__version__,
+        "git_commit": args.commit or git_commit(),
+        "command": shlex.join([sys.executable, *sys.argv] if argv is None else ["benchmarks/fsdp_cpu_overhead.py", *argv]),
+        "settings": {k: getattr(args, k) for k in ("layer_types", "heads", "kv_heads", "head_dim", "rows", "seq_len", "steps", "repeats")},
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "results": results,
+    }
+    if args.out is not None:
+        from hybridize.convert.stage import atomic_write_text
+
+        atomic_write_text(Path(args.out), json.dumps(record, indent=1) + "\n")
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
