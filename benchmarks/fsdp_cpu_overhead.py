@@ -16,7 +16,8 @@ process, on one CPU thread:
   collectives return at once, so no communication time is counted, only what the process does around it.
 
 Each variant runs in a child process; the figure is the trainer's steady seconds per step (``--steps`` steps,
-the first 3 left out), the best of ``--repeats`` runs. These are CPU milliseconds, not GPU throughput: on a GPU
+the first 3 left out), the best of ``--repeats`` runs. The JSON is rewritten after each variant (``"complete":
+false`` until the last one is done; a failed variant ends the run with ``"error"``). These are CPU milliseconds, not GPU throughput: on a GPU
 they are hidden while the CPU runs ahead of the kernels and add to the step when it does not.
 
     python benchmarks/fsdp_cpu_overhead.py --out benchmarks/results/fsdp_cpu_overhead.json
@@ -113,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--head-dim", type=int, default=8, help="head dimension (kept small: the arithmetic is not measured)")
     p.add_argument("--rows", type=int, default=1, help="sequences per process and step")
     p.add_argument("--seq-len", type=int, default=16, help="tokens per sequence")
-    p.add_argument("--steps", type=int, default=12, help="optimizer steps per run (the first 3 are left out)")
+    p.add_argument("--steps", type=int, default=12, help="optimizer steps per run, >= 12 (the trainer's steady figure leaves "
+                   "out the first min(3, steps // 4))")
     p.add_argument("--repeats", type=int, default=2, help="runs of each variant (the best is kept)")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), metavar="NAME", help=f"of: {list(VARIANTS)}")
     p.add_argument("--out", default=None, help="JSON file for the results (written at the end)")
@@ -132,13 +134,19 @@ def main(argv: list[str] | None = None) -> int:
                         ("--rows", args.rows), ("--seq-len", args.seq_len), ("--repeats", args.repeats)):
         if value < 1:
             p.error(f"{flag} must be >= 1, got {value}")
-    if args.steps < 5:
-        p.error(f"--steps must be >= 5 (the first 3 are left out of the figure), got {args.steps}")
+    if args.steps < 12:
+        p.error(f"--steps must be >= 12 (so that the first 3 steps, warm-up, are left out of the figure), got {args.steps}")
     if args.heads % args.kv_heads:
         p.error(f"--heads {args.heads} must be a multiple of --kv-heads {args.kv_heads}")
+    if args.head_dim % 2:
+        p.error(f"--head-dim must be even (rotary embeddings rotate pairs of dimensions), got {args.head_dim}")
+    if len(set(args.variants)) != len(args.variants):
+        p.error(f"--variants names a variant twice: {args.variants}")
     if args.out is not None:
         from hybridize.outdir import check_writable_dir
 
+        if args.out.endswith(("/", os.sep)) or Path(args.out).is_dir():
+            p.error(f"--out {args.out} is a directory; give the JSON file to write, e.g. {Path(args.out) / 'fsdp_cpu_overhead.json'}")
         try:
             check_writable_dir(Path(args.out).resolve().parent, "--out")
         except ValueError as exc:
@@ -152,23 +160,6 @@ def main(argv: list[str] | None = None) -> int:
               "--head-dim", str(args.head_dim), "--rows", str(args.rows), "--seq-len", str(args.seq_len),
               "--steps", str(args.steps)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WORLD_SIZE": "1"}
-    results = {}
-    for name in args.variants:
-        runs = []
-        for _ in range(args.repeats):
-            proc = subprocess.run([sys.executable, __file__, *common, "--child", name], capture_output=True, text=True,
-                                  env=env, timeout=1800)
-            line = proc.stdout.strip().splitlines()[-1:] if proc.returncode == 0 else []
-            if not line:
-                print(f"{name}: failed (rc {proc.returncode})\n{proc.stderr[-3000:]}", file=sys.stderr)
-                return 1
-            runs.append(json.loads(line[0])["ms_per_step"])
-        results[name] = {"ms_per_step": min(runs), "runs_ms_per_step": runs}
-        print(f"{name:45s} {min(runs):7.1f} ms/step   (runs: {', '.join(f'{r:.1f}' for r in runs)})", flush=True)
-    base = results.get("one process", {}).get("ms_per_step")
-    if base:
-        for name, r in results.items():
-            r["extra_ms_vs_one_process"] = r["ms_per_step"] - base
     record = {
         "what": "CPU milliseconds per stage-2 step (library step, tiny widths, one CPU thread); FSDP2 variants on rank 0 "
                 "of a 2-process fake process group (no communication time)",
@@ -178,15 +169,49 @@ def main(argv: list[str] | None = None) -> int:
         "command": shlex.join([sys.executable, *sys.argv] if argv is None else ["benchmarks/fsdp_cpu_overhead.py", *argv]),
         "settings": {k: getattr(args, k) for k in ("layer_types", "heads", "kv_heads", "head_dim", "rows", "seq_len", "steps", "repeats")},
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "results": results,
+        "complete": False,
+        "results": {},
     }
+    results = record["results"]
+    failure = None
+    for name in args.variants:
+        runs = []
+        for _ in range(args.repeats):
+            try:
+                proc = subprocess.run([sys.executable, __file__, *common, "--child", name], capture_output=True, text=True,
+                                      env=env, timeout=1800)
+            except subprocess.TimeoutExpired:
+                failure = f"{name}: no result within 1800 s"
+                break
+            line = proc.stdout.strip().splitlines()[-1:] if proc.returncode == 0 else []
+            if not line:
+                failure = f"{name}: failed (rc {proc.returncode})\n{proc.stderr[-3000:]}"
+                break
+            runs.append(json.loads(line[0])["ms_per_step"])
+        if failure:
+            break
+        results[name] = {"ms_per_step": min(runs), "runs_ms_per_step": runs}
+        print(f"{name:45s} {min(runs):7.1f} ms/step   (runs: {', '.join(f'{r:.1f}' for r in runs)})", flush=True)
+        _write(args.out, record)  # after each variant: what finished is kept if a later one fails or is stopped
+    base = results.get("one process", {}).get("ms_per_step")
+    if base:
+        for r in results.values():
+            r["extra_ms_vs_one_process"] = r["ms_per_step"] - base
+    record["complete"] = failure is None
+    if failure:
+        record["error"] = failure.splitlines()[0]
+        print(failure, file=sys.stderr)
+    _write(args.out, record)
     if args.out is not None:
+        print(f"wrote {args.out}{'' if failure is None else ' (incomplete)'}")
+    return 0 if failure is None else 1
+
+
+def _write(path: str | None, record: dict) -> None:
+    if path is not None:
         from hybridize.convert.stage import atomic_write_text
 
-        atomic_write_text(Path(args.out), json.dumps(record, indent=1) + "\n")
-        print(f"wrote {args.out}")
-    return 0
-
+        atomic_write_text(Path(path), json.dumps(record, indent=1) + "\n")
 
 if __name__ == "__main__":
     sys.exit(main())

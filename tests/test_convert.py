@@ -288,6 +288,53 @@ def test_gradient_accumulation_equals_the_whole_batch(tmp_path, did_backward):
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
 
 
+def test_resume_records_changed_settings_and_uses_this_runs_optimizer(tmp_path):
+    """A stage resumed with other settings (e.g. --fsdp-param-dtype, which changes the arithmetic) says so in its
+    result (and so in the stage manifest); the resumed optimizer is this run's implementation (fused), also from
+    a checkpoint written by another one (torch's default AdamW: foreach / for-loop)."""
+    import hybridize.convert.trainer as trainer_mod
+    from hybridize.convert.trainer import TrainSettings, train
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(50, 8), torch.nn.Linear(8, 50))
+    data = torch.randint(0, 50, (24, 6))
+    params = dict(model.named_parameters())
+
+    def loss_fn(batch):
+        return torch.nn.functional.cross_entropy(model(batch[:, :-1]).reshape(-1, 50), batch[:, 1:].reshape(-1))
+
+    stage = StageDir(tmp_path, "stage2")
+    first = TrainSettings(6 * 4 * 6, 6, 4, 1e-2, 1e-3, warmup=1, checkpoint_every=2, fsdp_param_dtype="bf16")
+    real_step, real_make = torch.optim.AdamW.step, trainer_mod.make_optimizer
+    calls = {"n": 0}
+
+    def dying_step(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real_step(self, *a, **k)
+
+    try:  # the first run: torch's default AdamW, killed in step 4 (checkpoint after step 2)
+        trainer_mod.make_optimizer = lambda ps, lr: torch.optim.AdamW(ps, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+        torch.optim.AdamW.step = dying_step
+        with pytest.raises(KeyboardInterrupt):
+            train(stage, params, loss_fn, data, first)
+    finally:
+        torch.optim.AdamW.step, trainer_mod.make_optimizer = real_step, real_make
+    assert json.loads((stage.checkpoint_path / "meta.json").read_text())["settings"]["fsdp_param_dtype"] == "bf16"
+    used = []
+    trainer_mod.make_optimizer = lambda ps, lr: used.append(real_make(ps, lr)) or used[-1]
+    try:
+        result = train(stage, params, loss_fn, data, TrainSettings(6 * 4 * 6, 6, 4, 1e-2, 1e-3, warmup=1, checkpoint_every=2))
+    finally:
+        trainer_mod.make_optimizer = real_make
+    assert result.settings_changed_on_resume == {"fsdp_param_dtype": ["bf16", "fp32"]}
+    assert result.metrics()["settings_changed_on_resume"] == {"fsdp_param_dtype": ["bf16", "fp32"]}
+    assert len(result.losses) == 6 and all(g["fused"] for g in used[0].param_groups)
+    unchanged = train(StageDir(tmp_path, "fresh"), params, loss_fn, data, first)
+    assert unchanged.settings_changed_on_resume == {} and "settings_changed_on_resume" not in unchanged.metrics()
+
+
 def test_profile_window_skips_warm_up_steps_and_fits_the_stage():
     from hybridize.convert.trainer import profile_window
 

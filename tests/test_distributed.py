@@ -112,6 +112,15 @@ def test_prefetch_plan_and_shard_options_are_checked():
         shard_modules([], unit="model")
     with pytest.raises(ValueError, match="needs --fsdp-unit layer"):
         shard_modules([], torch.nn.Linear(2, 2), unit="model", prefetch=1)
+    with pytest.raises(ValueError, match="prefetch needs the root module"):
+        shard_modules([torch.nn.Linear(2, 2)], prefetch=1)
+    stack = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match=r"units \[1\] are not submodules of the root"):
+        shard_modules([stack[0], torch.nn.Linear(2, 2)], stack, unit="model")
+    shard_modules((m for m in stack), stack, ignored=[stack[0].weight], prefetch=1)  # any iterable; no-op in one process
+    for n, k in ((3, 0), (3, -1), (-1, 1)):
+        with pytest.raises(ValueError, match="prefetch_plan needs"):
+            prefetch_plan(n, k)
 
 
 def test_fsdp_options_are_checked_before_any_work(monkeypatch, tmp_path):
@@ -329,24 +338,41 @@ def test_stage2_mixers_that_do_not_fit_are_named(tmp_path):
         build_hybrid(teacher, ["lightning", "attention"], path)
 
 
-def test_fsdp_cpu_overhead_script(tmp_path, capsys):
+def test_fsdp_cpu_overhead_script(tmp_path, capsys, monkeypatch):
     """The CPU-overhead benchmark runs the library's stage-2 step with and without FSDP2 (fake process group) and
-    records ms per step per variant; bad arguments are named before any work."""
+    records ms per step per variant, rewriting its JSON after each (a failed variant leaves the finished ones,
+    marked incomplete); bad arguments are named before any work."""
     mod = benchmark_script("fsdp_cpu_overhead")
     out = tmp_path / "r" / "overhead.json"
     variants = ["one process", "FSDP2 per layer", "FSDP2 --fsdp-unit model"]
-    assert mod.main(["--layer-types", "LALL", "--steps", "5", "--repeats", "1", "--out", str(out), "--variants", *variants]) == 0
+    assert mod.main(["--layer-types", "LALL", "--repeats", "1", "--out", str(out), "--variants", *variants]) == 0
     record = json.loads(out.read_text())
     assert list(record["results"]) == variants and record["torch"] == torch.__version__ and record["git_commit"]
+    assert record["complete"] is True and "error" not in record
     for r in record["results"].values():
         assert r["ms_per_step"] > 0 and r["runs_ms_per_step"] == [r["ms_per_step"]]
     assert record["results"]["one process"]["extra_ms_vs_one_process"] == 0
+    real_run = mod.subprocess.run
+
+    def second_fails(cmd, **kw):
+        if cmd[-1] == "FSDP2 per layer":
+            return subprocess.CompletedProcess(cmd, 1, "", "boom")
+        return real_run(cmd, **kw)
+
+    monkeypatch.setattr(mod.subprocess, "run", second_fails)
+    assert mod.main(["--layer-types", "LALL", "--repeats", "1", "--out", str(out), "--variants", *variants]) == 1
+    record = json.loads(out.read_text())
+    assert record["complete"] is False and list(record["results"]) == ["one process"]
+    assert record["error"].startswith("FSDP2 per layer: failed (rc 1)")
+    monkeypatch.setattr(mod.subprocess, "run", real_run)
     capsys.readouterr()
+    (tmp_path / "f").write_text("a file")
     for argv, message in ((["--variants", "two processes"], "unknown variant"), (["--layer-types", "LAX"], "letters A and L"),
-                          (["--steps", "3"], "--steps must be >= 5"), (["--heads", "9", "--kv-heads", "2"], "multiple"),
-                          (["--out", str(tmp_path / "f" / "x.json")], "--out")):
-        if argv[0] == "--out":
-            (tmp_path / "f").write_text("a file")
+                          (["--steps", "11"], "--steps must be >= 12"), (["--heads", "9", "--kv-heads", "2"], "multiple"),
+                          (["--head-dim", "3"], "must be even"), (["--variants", "one process", "one process"], "twice"),
+                          (["--out", str(tmp_path / "f" / "x.json")], "--out"), (["--out", str(tmp_path)], "is a directory"),
+                          (["--out", str(tmp_path / "new") + "/"], "is a directory")):
         with pytest.raises(SystemExit) as exc:
             mod.main(argv)
         assert exc.value.code == 2 and message in capsys.readouterr().err, argv
+    assert not (tmp_path / "new").exists()

@@ -174,19 +174,20 @@ def run_stage1(teacher, train_data: torch.Tensor, run_dir, settings: TrainSettin
     shard_modules(list(mixers), reshard_after_forward=settings.reshard_after_forward, param_dtype=settings.fsdp_param_dtype)
     params = {f"layers.{i}.{k}": p for i, m in enumerate(mixers) for k, p in m.named_parameters()}
     # per-layer losses of the last step's micro-batches (one entry per micro-batch with --grad-accum)
-    recent: deque[list[float]] = deque(maxlen=settings.grad_accum)
+    # (kept on the device: reading them here would wait for the GPU once per layer and step)
+    recent: deque[torch.Tensor] = deque(maxlen=settings.grad_accum)
 
     def loss_fn(batch):
-        losses = alignment_losses(teacher, mixers, rotary, batch, backward=True)
-        recent.append([float(x) for x in losses])
-        return torch.stack(losses).mean()
+        losses = torch.stack(alignment_losses(teacher, mixers, rotary, batch, backward=True))
+        recent.append(losses)
+        return losses.mean()
 
     loss_fn.did_backward = True
     result = train(stage1, params, loss_fn, train_data, settings, seed=seed, desc="stage1 align", flops_per_token=flops,
                    sync_modules=list(mixers))
     _save_mixers(mixers, stage1.path / MIXERS_FILE)
     # the last step's per-layer losses: mean over its micro-batches and over the processes (collective)
-    per_layer_mse = all_reduce_mean(torch.tensor([sum(col) / len(col) for col in zip(*recent)])).tolist()
+    per_layer_mse = all_reduce_mean(torch.stack(list(recent)).mean(0)).tolist() if recent else []
     return stage1.complete(
         {**inputs, "init": str(stage0.path)},
         tokens_seen=result.tokens_seen,

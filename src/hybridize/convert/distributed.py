@@ -104,7 +104,8 @@ def shard_modules(
     """FSDP2-shard each module of ``units`` (e.g. decoder layers), then ``root``; no-op in one process.
 
     Args:
-        units: the modules to shard one by one, in the order their forwards run (``prefetch`` relies on it).
+        units: the modules to shard one by one, in the order their forwards run (``prefetch`` relies on it); with
+            ``root``, submodules of it.
         root: the module holding ``units`` (sharded last: its own remaining parameters form one more unit).
         unit: ``"layer"``: each of ``units`` is an FSDP2 unit (a rank holds one unit's whole weights at a time:
             least memory, for large models); ``"model"``: ``root`` is the only unit (needs ``root``): all weights
@@ -132,7 +133,7 @@ def shard_modules(
 
     Raises:
         ValueError: an unknown ``param_dtype`` or ``unit``, a negative ``prefetch``, ``"model"`` without ``root``
-            or with ``prefetch``.
+            or with ``prefetch``, ``prefetch`` without ``root``, a unit that is not a submodule of ``root``.
     """
     if param_dtype not in FSDP_PARAM_DTYPES:
         raise ValueError(f"FSDP2 parameter dtype must be one of {FSDP_PARAM_DTYPES} (--fsdp-param-dtype), got {param_dtype!r}")
@@ -140,11 +141,22 @@ def shard_modules(
         raise ValueError(f"FSDP2 prefetch must be an integer >= 0 (--fsdp-prefetch), got {prefetch!r}")
     if unit not in FSDP_UNITS:
         raise ValueError(f"FSDP2 unit must be one of {FSDP_UNITS} (--fsdp-unit), got {unit!r}")
+    units = list(units)
     if unit == "model" and root is None:
         raise ValueError("an FSDP2 unit for the whole model needs the root module that runs the units' forwards")
     if prefetch and unit != "layer":
         raise ValueError("--fsdp-prefetch prefetches the next layers' all-gathers: it needs --fsdp-unit layer "
                          "(with --fsdp-unit model every weight is gathered at once)")
+    if prefetch and root is None:
+        raise ValueError("FSDP2 prefetch needs the root module that runs the units' forwards (units that are each "
+                         "a root of their own cannot prefetch one another)")
+    if root is not None:
+        inside = {id(m) for m in root.modules()}
+        stray = [i for i, m in enumerate(units) if id(m) not in inside]
+        if stray:
+            raise ValueError(f"units {stray[:5]} are not submodules of the root module: their gradients would not be "
+                             "reduced with it; pass the module that holds them as root")
+    ignored = set(ignored) if ignored is not None else None
     if not context().enabled:
         return
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -167,7 +179,13 @@ def shard_modules(
 
 def prefetch_plan(n: int, k: int) -> list[tuple[list[int], list[int]]]:
     """For each of ``n`` units run in order, the units whose all-gathers it prefetches with ``k`` > 0: in the
-    forward the next k (in forward order), in the backward the k before it (nearest first, the backward's order)."""
+    forward the next k (in forward order), in the backward the k before it (nearest first, the backward's order).
+
+    Raises:
+        ValueError: ``n`` < 0 or ``k`` < 1.
+    """
+    if n < 0 or k < 1:
+        raise ValueError(f"prefetch_plan needs n >= 0 units and k >= 1 units to prefetch, got n={n}, k={k}")
     return [(list(range(i + 1, min(n, i + 1 + k))), list(range(i - 1, max(-1, i - 1 - k), -1))) for i in range(n)]
 
 

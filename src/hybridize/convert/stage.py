@@ -269,6 +269,10 @@ class StageDir:
         weights = self._read_checkpoint_file("weights.safetensors", lambda p: load_file(str(p)))
         if optimizer is not None:
             state = self._read_checkpoint_file(f"optimizer.rank{ctx.rank}.pt", lambda p: torch.load(p, weights_only=False))
+            # the implementation is this run's (e.g. fused), not the checkpoint's: set before loading, so the
+            # loaded state is placed as this implementation needs it (fused keeps its step counts on the device)
+            for saved, now in zip(state.get("param_groups", []) if isinstance(state, dict) else [], optimizer.param_groups):
+                saved.update({k: now[k] for k in ("fused", "foreach", "capturable", "differentiable") if k in now})
             optimizer.load_state_dict(state)
         return weights, meta
 

@@ -86,6 +86,9 @@ class TrainResult:
         grad_norms: the global gradient norm of each step before clipping (empty without clipping); a
             1-GPU and an N-GPU run of the same settings must agree here from the first step on.
         profile: what :func:`profile_summary` found in the profiled steps (``profile_steps``), else None.
+        settings_changed_on_resume: ``{setting: [checkpoint's value, this run's]}`` for every
+            :class:`TrainSettings` field this invocation resumed with a different value (e.g.
+            ``fsdp_param_dtype``, which changes the arithmetic); empty when it did not resume or nothing changed.
     """
 
     steps: int
@@ -99,6 +102,7 @@ class TrainResult:
     world_size: int = 1
     grad_norms: list[float] = field(default_factory=list)
     profile: dict | None = None
+    settings_changed_on_resume: dict = field(default_factory=dict)
 
     def metrics(self) -> dict:
         """The throughput figures for a stage manifest."""
@@ -110,6 +114,7 @@ class TrainResult:
             "world_size": self.world_size,
             "grad_norm_curve": self.grad_norms,
             **({"profile": self.profile} if self.profile is not None else {}),
+            **({"settings_changed_on_resume": self.settings_changed_on_resume} if self.settings_changed_on_resume else {}),
         }
 
 
@@ -215,7 +220,7 @@ def train(
     accum = settings.grad_accum
     optimizer = make_optimizer(list(params.values()), settings.lr)
     warmup = min(settings.warmup, max(1, steps // 10))
-    start_step, losses, grad_norms = 0, [], []
+    start_step, losses, grad_norms, changed = 0, [], [], {}
     resumed = stage.load_checkpoint(optimizer)
     if resumed is not None:
         weights, meta = resumed
@@ -223,6 +228,10 @@ def train(
             load_full_(p, weights[name])
         start_step, losses, grad_norms = meta["step"], meta["losses"], meta.get("grad_norms", [])
         log.info("%s: resuming from checkpoint at step %d/%d", stage.name, start_step, steps)
+        changed = {k: [v, vars(settings).get(k)] for k, v in meta.get("settings", {}).items() if vars(settings).get(k) != v}
+        if changed:  # recorded in the stage manifest: the steps before and after ran with different settings
+            log.warning("%s: resumed with settings other than the checkpoint's (before -> now): %s", stage.name,
+                        ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
     g = torch.Generator().manual_seed(seed)
     order = torch.cat([torch.randperm(data.shape[0], generator=g) for _ in range(1 + steps * settings.batch_size // data.shape[0])])
     per_step = settings.batch_size * settings.seq_len
@@ -246,10 +255,12 @@ def train(
             mine = rows[ctx.rank :: ctx.world_size]  # this rank's share of the global batch
             optimizer.zero_grad(set_to_none=True)
             micro_losses = []
+            # one host-to-device copy per step (a copy from pageable memory waits for the GPU)
+            rows_here = data[mine].to(ctx.device)
             for j in range(accum):
                 if ctx.enabled and accum > 1 and sync_modules:
                     set_gradient_sync(sync_modules, j == accum - 1)  # reduce once, after the last micro-batch
-                batch = data[mine[j::accum]].to(ctx.device)
+                batch = rows_here[j::accum].contiguous()
                 with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=ctx.device.type == "cuda"):
                     loss = loss_fn(batch)  # bf16 compute on GPU (SPEC 2), fp32 master weights
                 if not getattr(loss_fn, "did_backward", False):
@@ -289,7 +300,8 @@ def train(
                 log.info("%s step %d/%d loss %.5f lr %.2e %.0f tok/s%s", stage.name, step + 1, steps, value, lr, tps,
                          f" MFU {100 * util:.1f}%" if util is not None else "")
             if (step + 1) % settings.checkpoint_every == 0 and step + 1 < steps:
-                stage.save_checkpoint(dict(params), optimizer, {"step": step + 1, "losses": losses, "grad_norms": grad_norms})
+                stage.save_checkpoint(dict(params), optimizer, {"step": step + 1, "losses": losses, "grad_norms": grad_norms,
+                                                                "settings": vars(settings)})
     bar.close()
     elapsed = max(1e-9, time.time() - paused - t0)
     tail = losses[-max(1, min(10, len(losses) // 5)) :]
@@ -306,6 +318,7 @@ def train(
         world_size=ctx.world_size,
         grad_norms=grad_norms,
         profile=profile,
+        settings_changed_on_resume=changed,
     )
 
 
