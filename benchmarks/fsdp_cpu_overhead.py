@@ -1,4 +1,5 @@
-"""CPU time of one stage-2 training step with and without FSDP2, at sizes where the arithmetic costs nothing.
+"""CPU time of one stage-2 (and stage-1) training step with and without FSDP2, at sizes where the arithmetic costs
+nothing.
 
 Issue 7: stage 2 of the embedded teacher (SmolLM2-135M, 30 thin layers) ran 1.65x faster on two H200s than on
 one, not the 1.8x asked for, and ``--no-fsdp-reshard`` gained 2-3% although it saves only about a millisecond of
@@ -9,14 +10,17 @@ This script measures that CPU work alone. It runs the library's own stage-2 step
 (:func:`hybridize.convert.distill._distill`: teacher forward, student forward and backward, chunked KL,
 gradient clip, AdamW) on a random teacher of the embedded teacher's structure (layer count, heads, KV heads,
 ``--layer-types``) but ``--head-dim`` 8 and a 256-token vocabulary, one ``--rows`` x ``--seq-len`` batch per
-process, on one CPU thread:
+process, on one CPU thread. The ``stage 1:`` variants run the stage-1 step the same way
+(:func:`hybridize.convert.align.run_stage1`: teacher forward, each Lightning mixer's forward and backward against
+its layer's attention output, AdamW; on two H200s stage 1 ran at 0.71x of one GPU):
 
-* ``one process``: no FSDP2;
+* ``one process`` / ``stage 1: one process``: no FSDP2;
 * the FSDP2 variants: rank 0 of a 2-process group of torch's *fake* backend (``torch.testing._internal``), whose
   collectives return at once, so no communication time is counted, only what the process does around it.
 
 Each variant runs in a child process; the figure is the trainer's steady seconds per step (``--steps`` steps,
-the first 3 left out), the best of ``--repeats`` runs. The JSON is rewritten after each variant (``"complete":
+the first 3 left out), the median of ``--repeats`` runs (the best and every run are recorded too), and beside it
+what FSDP2 adds to the same stage's one-process step. The JSON is rewritten after each variant (``"complete":
 false`` until the last one is done; a failed variant ends the run with ``"error"``). These are CPU milliseconds, not GPU throughput: on a GPU
 they are hidden while the CPU runs ahead of the kernels and add to the step when it does not.
 
@@ -30,23 +34,29 @@ import json
 import os
 import platform
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-#: variant name -> (FSDP2 engaged, TrainSettings fields, optimizer: "library" or "foreach" = torch's default on CUDA)
+#: variant name -> (stage, FSDP2 engaged, TrainSettings fields, optimizer: "library" or "foreach" = torch's default on CUDA)
 VARIANTS = {
-    "one process": (False, {}, "library"),
-    "one process, foreach AdamW": (False, {}, "foreach"),
-    "FSDP2 per layer": (True, {}, "library"),
-    "FSDP2 per layer, foreach AdamW": (True, {}, "foreach"),
-    "FSDP2 per layer, --no-fsdp-reshard": (True, {"reshard_after_forward": False}, "library"),
-    "FSDP2 per layer, --fsdp-prefetch 1": (True, {"fsdp_prefetch": 1}, "library"),
-    "FSDP2 --fsdp-unit model": (True, {"fsdp_unit": "model"}, "library"),
-    "FSDP2 --fsdp-unit model --no-fsdp-reshard": (True, {"fsdp_unit": "model", "reshard_after_forward": False}, "library"),
+    "one process": (2, False, {}, "library"),
+    "one process, foreach AdamW": (2, False, {}, "foreach"),
+    "FSDP2 per layer": (2, True, {}, "library"),
+    "FSDP2 per layer, foreach AdamW": (2, True, {}, "foreach"),
+    "FSDP2 per layer, --no-fsdp-reshard": (2, True, {"reshard_after_forward": False}, "library"),
+    "FSDP2 per layer, --fsdp-prefetch 1": (2, True, {"fsdp_prefetch": 1}, "library"),
+    "FSDP2 --fsdp-unit model": (2, True, {"fsdp_unit": "model"}, "library"),
+    "FSDP2 --fsdp-unit model --no-fsdp-reshard": (2, True, {"fsdp_unit": "model", "reshard_after_forward": False}, "library"),
+    "stage 1: one process": (1, False, {}, "library"),
+    "stage 1: FSDP2 per mixer": (1, True, {}, "library"),
+    "stage 1: FSDP2 per mixer, --no-fsdp-reshard": (1, True, {"reshard_after_forward": False}, "library"),
 }
+#: the one-process variant each variant's extra milliseconds are counted from, by stage
+BASELINES = {2: "one process", 1: "stage 1: one process"}
 SMOLLM2_LAYER_TYPES = "LLLLLLLLLALLLLLLALLALALLLAALLA"  # the schedule of the H200 runs (issue 7)
 
 
@@ -56,12 +66,12 @@ def _child(args) -> None:
     import torch.distributed as dist
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from hybridize.convert import distill, stage as stage_mod, trainer
+    from hybridize.convert import align, distill, stage as stage_mod, trainer
     from hybridize.convert.distill import _distill, build_hybrid
     from hybridize.convert.stage import StageDir
     from hybridize.convert.trainer import TrainSettings
 
-    sharded, fields, optimizer = VARIANTS[args.child]
+    stage, sharded, fields, optimizer = VARIANTS[args.child]
     torch.set_num_threads(1)
     if sharded:
         from torch.testing._internal.distributed.fake_pg import FakeStore
@@ -79,18 +89,21 @@ def _child(args) -> None:
         max_position_embeddings=max(64, args.seq_len), tie_word_embeddings=True,
     )
     teacher = LlamaForCausalLM(cfg).requires_grad_(False).eval()
-    layer_types = ["attention" if c == "A" else "lightning" for c in args.layer_types]
-    student = build_hybrid(teacher, layer_types, None)
     world = 2 if sharded else 1
     data = torch.randint(3, cfg.vocab_size, (4 * args.rows * world * args.steps, args.seq_len))
     settings = TrainSettings(tokens=args.steps * args.rows * world * args.seq_len, seq_len=args.seq_len,
                              batch_size=args.rows * world, lr=1e-5, lr_final=1e-6, warmup=1, checkpoint_every=10**9,
                              **fields)
-    distill.save_model_atomic = lambda *a, **k: None  # the saved model is not what is measured
+    # the saved weights are not what is measured
+    distill.save_model_atomic = align._save_mixers = lambda *a, **k: None
     with tempfile.TemporaryDirectory() as tmp:
-        st = StageDir(Path(tmp), "stage2")
-        st.begin()
-        manifest = _distill(st, teacher, student, None, data, settings, {}, 0, "kl", {})
+        if stage == 1:
+            manifest = align.run_stage1(teacher, data, Path(tmp), settings, {}, seed=0)
+        else:
+            student = build_hybrid(teacher, ["attention" if c == "A" else "lightning" for c in args.layer_types], None)
+            st = StageDir(Path(tmp), "stage2")
+            st.begin()
+            manifest = _distill(st, teacher, student, None, data, settings, {}, 0, "kl", {})
     seconds = settings.batch_size * settings.seq_len / manifest["steady_tokens_per_s"]
     print(json.dumps({"variant": args.child, "ms_per_step": 1e3 * seconds, "steps": len(manifest["loss_curve"])}))
 
@@ -116,9 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-len", type=int, default=16, help="tokens per sequence")
     p.add_argument("--steps", type=int, default=12, help="optimizer steps per run, >= 12 (the trainer's steady figure leaves "
                    "out the first min(3, steps // 4))")
-    p.add_argument("--repeats", type=int, default=2, help="runs of each variant (the best is kept)")
+    p.add_argument("--repeats", type=int, default=3, help="runs of each variant (their median is the figure)")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), metavar="NAME", help=f"of: {list(VARIANTS)}")
-    p.add_argument("--out", default=None, help="JSON file for the results (written at the end)")
+    p.add_argument("--out", default=None, help="JSON file for the results (rewritten after each variant)")
     p.add_argument("--commit", default=os.environ.get("HYBRIDIZE_GIT_COMMIT"), help="git commit to record")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -161,8 +174,9 @@ def main(argv: list[str] | None = None) -> int:
               "--steps", str(args.steps)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WORLD_SIZE": "1"}
     record = {
-        "what": "CPU milliseconds per stage-2 step (library step, tiny widths, one CPU thread); FSDP2 variants on rank 0 "
-                "of a 2-process fake process group (no communication time)",
+        "what": "CPU milliseconds per stage-2 step (stage-1 step for the 'stage 1:' variants; library step, tiny widths, one "
+                "CPU thread); FSDP2 variants on rank 0 of a 2-process fake process group (no communication time); "
+                "extra_ms_vs_one_process against the same stage's one-process variant",
         "cpu": _cpu_model(),
         "torch": torch.__version__,
         "git_commit": args.commit or git_commit(),
@@ -190,12 +204,15 @@ def main(argv: list[str] | None = None) -> int:
             runs.append(json.loads(line[0])["ms_per_step"])
         if failure:
             break
-        results[name] = {"ms_per_step": min(runs), "runs_ms_per_step": runs}
-        print(f"{name:45s} {min(runs):7.1f} ms/step   (runs: {', '.join(f'{r:.1f}' for r in runs)})", flush=True)
+        results[name] = {"ms_per_step": statistics.median(runs), "best_ms_per_step": min(runs), "runs_ms_per_step": runs}
+        base = results.get(BASELINES[VARIANTS[name][0]], {}).get("ms_per_step")
+        added = f"{results[name]['ms_per_step'] - base:+7.1f} ms" if base is not None and name not in BASELINES.values() else " " * 10
+        print(f"{name:45s} {results[name]['ms_per_step']:7.1f} ms/step {added}   (runs: {', '.join(f'{r:.1f}' for r in runs)})",
+              flush=True)
         _write(args.out, record)  # after each variant: what finished is kept if a later one fails or is stopped
-    base = results.get("one process", {}).get("ms_per_step")
-    if base:
-        for r in results.values():
+    for name, r in results.items():
+        base = results.get(BASELINES[VARIANTS[name][0]], {}).get("ms_per_step")
+        if base:
             r["extra_ms_vs_one_process"] = r["ms_per_step"] - base
     record["complete"] = failure is None
     if failure:

@@ -344,14 +344,16 @@ def test_fsdp_cpu_overhead_script(tmp_path, capsys, monkeypatch):
     marked incomplete); bad arguments are named before any work."""
     mod = benchmark_script("fsdp_cpu_overhead")
     out = tmp_path / "r" / "overhead.json"
-    variants = ["one process", "FSDP2 per layer", "FSDP2 --fsdp-unit model"]
+    variants = ["one process", "FSDP2 per layer", "FSDP2 --fsdp-unit model", "stage 1: one process", "stage 1: FSDP2 per mixer"]
     assert mod.main(["--layer-types", "LALL", "--repeats", "1", "--out", str(out), "--variants", *variants]) == 0
     record = json.loads(out.read_text())
     assert list(record["results"]) == variants and record["torch"] == torch.__version__ and record["git_commit"]
     assert record["complete"] is True and "error" not in record
     for r in record["results"].values():
-        assert r["ms_per_step"] > 0 and r["runs_ms_per_step"] == [r["ms_per_step"]]
+        assert r["ms_per_step"] > 0 and r["runs_ms_per_step"] == [r["ms_per_step"]] == [r["best_ms_per_step"]]
     assert record["results"]["one process"]["extra_ms_vs_one_process"] == 0
+    stage1 = record["results"]["stage 1: FSDP2 per mixer"]  # counted from stage 1's own one-process step
+    assert stage1["extra_ms_vs_one_process"] == stage1["ms_per_step"] - record["results"]["stage 1: one process"]["ms_per_step"]
     real_run = mod.subprocess.run
 
     def second_fails(cmd, **kw):

@@ -267,6 +267,17 @@ def _bench(args) -> int:
     return 0
 
 
+class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except for on/off flags (a store_false flag's "default: True" reads as if the
+    flag were on) and options whose help already says its default."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.nargs == 0 or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .convert.options import FSDP_PARAM_DTYPES, FSDP_UNITS, SELECTION_METHODS, ConvertOptions
 
@@ -275,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("convert", help="run the HALO pipeline (stage 0-2, optional 3) and compare with the teacher",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_DefaultsHelp)
     c.add_argument("--teacher", default=None, help="local Llama/Qwen3 directory or hub id; default: embedded SmolLM2-135M-Instruct")
     c.add_argument("--data", nargs="+", default=None, help="training text: .txt/.jsonl/.parquet files or an HF dataset name; default: bundled corpus")
     c.add_argument("--out", default=d.out, help="run directory (rerun the same command to resume)")
@@ -307,12 +318,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="under torchrun (FSDP2): keep each layer's gathered weights from its forward to its backward "
                         "(one all-gather fewer per layer and step; more memory); default: free them after the forward")
     c.add_argument("--fsdp-param-dtype", choices=FSDP_PARAM_DTYPES, default=d.fsdp_param_dtype,
-                   help="under torchrun (FSDP2) on GPUs: the dtype the weights are all-gathered in; bf16 moves half the "
-                        "bytes (gradients still reduced in fp32, master weights fp32) but norms and gates then see bf16 "
-                        "weights; default fp32 (the forward of a one-process run)")
+                   help="under torchrun (FSDP2) on GPUs, stages 1-3: the dtype the weights are all-gathered in; bf16 moves "
+                        "half the bytes (gradients still reduced in fp32, master weights fp32) but norms and gates then see "
+                        "bf16 weights, so results differ slightly from one process; refused on CPU processes (their "
+                        "training is fp32); default fp32 (the forward of a one-process run)")
     c.add_argument("--fsdp-prefetch", type=_nonnegative_int, default=d.fsdp_prefetch,
-                   help="under torchrun (FSDP2), stages 2-3: each decoder layer issues the all-gathers of the next N layers "
-                        "(and of the N before it in the backward) once its own are done; 0 (default): FSDP2's own overlap")
+                   help="under torchrun (FSDP2), stages 2-3, with --fsdp-unit layer: once a decoder layer's all-gather is "
+                        "done, start those of the next N layers (the N before it in the backward) instead of when the CPU "
+                        "reaches them; holds N more layers' gathered weights; same results; default 0: FSDP2's own overlap")
     c.add_argument("--fsdp-unit", choices=FSDP_UNITS, default=d.fsdp_unit,
                    help="under torchrun (FSDP2), stages 2-3: layer = one unit per decoder layer (a rank holds one layer's whole weights "
                         "at a time; for large teachers); model = one unit for all trained weights (gathered at once, "
@@ -355,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .convert.options import PASSKEY_FORMS, PPL_TEXTS
 
     e = sub.add_parser("eval", help="held-out perplexity, passkey retrieval, decode speed and cache size",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_DefaultsHelp)
     e.add_argument("--model", required=True, help="converted model dir or run dir (or a teacher)")
     e.add_argument("--teacher", default=None, help="also evaluate this teacher side by side ('smollm2' for the embedded one)")
     e.add_argument("--out", default=None,
@@ -379,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=_eval)
 
     h = sub.add_parser("tune-hype", help="pick HyPE's a by held-out loss on long documents and write it to the config",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_DefaultsHelp)
     h.add_argument("--model", required=True, help="hybrid checkpoint dir (hybridize or HypeNet) or run dir; its config.json is updated")
     h.add_argument("--seq-len", type=int, default=2048, help="tokens per held-out sequence")
     h.add_argument("--sequences", type=int, default=4, help="held-out sequences to score")
@@ -394,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench import DEFAULT_LENGTHS, DEFAULT_OUT, preset_names
 
     b = sub.add_parser("bench", help="long-context speed and memory: TTFT, decode ms/token, peak memory, roofline (random weights)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_DefaultsHelp)
     b.add_argument("--presets", nargs="+", required=True, choices=preset_names(), metavar="PRESET",
                    help=f"models to build with random weights: {', '.join(preset_names())}")
     b.add_argument("--lengths", type=int, nargs="+", default=list(DEFAULT_LENGTHS),

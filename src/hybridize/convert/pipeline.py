@@ -430,8 +430,17 @@ def _run_stages(opts, ctx, run_dir, teacher, tokenizer, eos, heldout_tok, train_
         log.info("--recipe sala: the A layers of --layer-types %s become InfLLM-V2 sparse attention (schedule %s)",
                  opts.layer_types, layer_types_to_str(given_layer_types(opts)))
     inputs = {"teacher": opts.teacher or "smollm2-135m-instruct (embedded)", "data": data_desc, "options": asdict(opts)}
+    fsdp = (f"unit {opts.fsdp_unit} (stage 1: one per mixer), prefetch {opts.fsdp_prefetch}, all-gathers in "
+            f"{opts.fsdp_param_dtype}, reshard after forward {'on' if opts.fsdp_reshard_after_forward else 'off'}")
     if ctx.enabled:
         inputs["world_size"] = ctx.world_size
+        import torch.distributed as dist
+
+        log.info("FSDP2: %d processes, backend %s; %s", ctx.world_size, dist.get_backend(), fsdp)
+    elif (opts.fsdp_unit, opts.fsdp_prefetch, opts.fsdp_param_dtype, opts.fsdp_reshard_after_forward) != (
+            ConvertOptions.fsdp_unit, ConvertOptions.fsdp_prefetch, ConvertOptions.fsdp_param_dtype,
+            ConvertOptions.fsdp_reshard_after_forward):
+        log.info("one process: the FSDP2 options (%s) have no effect; launch with torchrun for several", fsdp)
 
     summary = {"run_dir": str(run_dir)}
     summary["stage1"] = run_stage1(teacher, train_seqs, run_dir, _settings(opts, "stage1"), inputs, seed=opts.seed)
