@@ -67,20 +67,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def git_state(override: str | None) -> dict:
-    """The commit of the checkout and whether it has uncommitted changes (None when unknown)."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = bool(
-            subprocess.run(["git", "status", "--porcelain"], cwd=HERE, capture_output=True, text=True, check=True).stdout.strip()
-        )
-    except (OSError, subprocess.CalledProcessError):
-        commit, dirty = None, None
-    if override:
-        commit = override
-    return {"commit": commit or "unknown", "uncommitted_changes": dirty}
-
-
 def build_models(args, device: torch.device, dtype: torch.dtype) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -179,6 +165,7 @@ def main(argv=None) -> dict:
 
     import transformers
 
+    from hybridize.convert.stage import git_state
     from hybridize.ops import backend
 
     models = build_models(args, device, dtype)

@@ -167,19 +167,21 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from hybridize.convert.stage import git_commit
+    from hybridize.convert.stage import git_state
 
     common = ["--layer-types", args.layer_types, "--heads", str(args.heads), "--kv-heads", str(args.kv_heads),
               "--head-dim", str(args.head_dim), "--rows", str(args.rows), "--seq-len", str(args.seq_len),
               "--steps", str(args.steps)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WORLD_SIZE": "1"}
+    git = git_state(args.commit)
     record = {
         "what": "CPU milliseconds per stage-2 step (stage-1 step for the 'stage 1:' variants; library step, tiny widths, one "
                 "CPU thread); FSDP2 variants on rank 0 of a 2-process fake process group (no communication time); "
                 "extra_ms_vs_one_process against the same stage's one-process variant",
         "cpu": _cpu_model(),
         "torch": torch.__version__,
-        "git_commit": args.commit or git_commit(),
+        "git_commit": git["commit"],
+        "uncommitted_changes": git["uncommitted_changes"],
         "command": shlex.join([sys.executable, *sys.argv] if argv is None else ["benchmarks/fsdp_cpu_overhead.py", *argv]),
         "settings": {k: getattr(args, k) for k in ("layer_types", "heads", "kv_heads", "head_dim", "rows", "seq_len", "steps", "repeats")},
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),

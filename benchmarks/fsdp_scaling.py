@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from hybridize.convert.stage import git_commit
+from hybridize.convert.stage import git_state
 
 STAGES = ("stage1", "stage2")
 _OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
@@ -237,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         p.error(f"cannot create --out {args.out}: {exc.strerror}")
+    git = git_state(args.commit)
     result = {
         "benchmark": "benchmarks/fsdp_scaling.py",
         "command": shlex.join([sys.executable, *sys.argv]) if argv is None else shlex.join(["fsdp_scaling.py", *argv]),
@@ -245,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "nccl": ".".join(map(str, torch.cuda.nccl.version())) if torch.cuda.is_available() else None,
-        "git_commit": args.commit or git_commit(),
+        "git_commit": git["commit"],
+        "uncommitted_changes": git["uncommitted_changes"],
         "multicast_env": {k: os.environ.get(k) for k in _OFF},
         "runs": {},
     }

@@ -67,6 +67,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from hybridize.convert.stage import git_state
 from hybridize.ops import sparse_attention as sa
 from hybridize.ops.sparse_attention import (
     SparseConfig,
@@ -83,21 +84,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SALA_HEADS, SALA_KV_HEADS, HEAD_DIM = 32, 2, 128
 HEADS, KV_HEADS = SALA_HEADS, SALA_KV_HEADS  # the shape of this run (main sets them from --heads / --kv-heads)
 DEFAULT_SIZES = "32768,131072,262144,524288,1048576"
-
-
-def _git_commit() -> str:
-    if os.environ.get("HYBRIDIZE_GIT_COMMIT"):  # set when the tree was copied without .git (device runs)
-        return os.environ["HYBRIDIZE_GIT_COMMIT"]
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True
-        ).stdout.strip()
-        return commit + ("-dirty" if dirty else "")
-    except Exception:  # noqa: BLE001 - not a git checkout (e.g. a copied tree)
-        return "unknown"
 
 
 def _versions() -> dict:
@@ -546,12 +532,14 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_compiled_selection:
         compiled_scores = torch.compile(sa._window_block_scores, dynamic=True)
 
+    git = git_state()
     result = {
         "benchmark": "sparse_attention",
         "issue": 5,
         "gpu": torch.cuda.get_device_name() if args.device == "cuda" else "cpu (smoke test)",
         **_versions(),
-        "git_commit": _git_commit(),
+        "git_commit": git["commit"],
+        "uncommitted_changes": git["uncommitted_changes"],
         "command": " ".join(shlex.quote(x) for x in [sys.executable, *sys.argv]),
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "shape": {"batch": 1, "heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "dtype": "bfloat16"},

@@ -42,7 +42,7 @@ import torch
 from hybridize.convert.align import MIXERS_FILE
 from hybridize.convert.distill import build_hybrid, trainable_parameters
 from hybridize.convert.losses import chunked_kl
-from hybridize.convert.stage import atomic_write_text, git_commit
+from hybridize.convert.stage import atomic_write_text, git_state
 from hybridize.errors import HybridizeError
 from hybridize.outdir import check_writable_dir
 from hybridize.ops import backend
@@ -284,10 +284,12 @@ def main(argv: list[str] | None = None) -> int:
         batch = make_batch(args, tokenizer, teacher.config.vocab_size, device)
     except HybridizeError as exc:  # a missing teacher, data or mixers file, unreadable text: named, no traceback
         raise SystemExit(f"stage2_gradient.py: {exc}") from None
+    git = git_state()
     result = {
         "benchmark": "benchmarks/stage2_gradient.py",
         "command": shlex.join([sys.executable, *sys.argv]) if argv is None else shlex.join(["stage2_gradient.py", *argv]),
-        "git_commit": git_commit(),
+        "git_commit": git["commit"],
+        "uncommitted_changes": git["uncommitted_changes"],
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__,
         "teacher": args.teacher,

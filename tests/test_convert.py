@@ -921,6 +921,19 @@ def test_git_commit_prefers_the_environment(monkeypatch):
     assert git_commit() != "unknown"
 
 
+def test_git_state_says_when_uncommitted_changes_are_unknown(monkeypatch):
+    """One provenance record for every benchmark: the commit, and whether tracked files differ from it; unknown
+    (None) when the commit was given rather than read (a copied tree's .git may be another commit's)."""
+    from hybridize.convert.stage import git_state
+
+    monkeypatch.delenv("HYBRIDIZE_GIT_COMMIT", raising=False)
+    here = git_state()
+    assert len(here["commit"]) == 40 and isinstance(here["uncommitted_changes"], bool)  # the tests run in a checkout
+    assert git_state("74d9855") == {"commit": "74d9855", "uncommitted_changes": None}
+    monkeypatch.setenv("HYBRIDIZE_GIT_COMMIT", "74d9855")
+    assert git_state() == {"commit": "74d9855", "uncommitted_changes": None}
+
+
 def test_stage0_students_do_not_depend_on_earlier_random_draws(tiny_teacher_dir, tmp_path):
     """The stage-0 Lightning students (their random output gates) come from the seed alone: on the H200 the first
     conversion of a fresh machine built the default teacher from its GGUF (a model initialisation: random draws)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from ..convert.stage import git_state
 from ..ops.attention import PREFILL_ATTENTION_IMPLS, prefill_attention
 from ..outdir import check_writable_dir, removed_if_left_empty
 from . import measure
@@ -87,19 +88,6 @@ class BenchOptions:
     profile: bool = False
 
 
-def _git_state(override: str | None) -> dict:
-    from ..convert.stage import git_commit
-
-    root = Path(__file__).resolve().parents[3]
-    try:
-        # tracked files only: untracked ones (carried wheels, data, outputs) are not the code that ran
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
-                                    text=True, check=True).stdout.strip())
-    except (OSError, subprocess.CalledProcessError):
-        dirty = None
-    return {"commit": override or git_commit() or "unknown", "uncommitted_changes": dirty}
-
-
 def _version(name: str) -> str | None:
     try:
         from importlib.metadata import version
@@ -124,7 +112,7 @@ def _environment(device: torch.device, dtype: torch.dtype, opts: BenchOptions) -
         "triton": _version("triton"),
         "fla_core": _version("fla-core"),
         "python": platform.python_version(),
-        "git": _git_state(opts.commit),
+        "git": git_state(opts.commit),
         "dtype": str(dtype).replace("torch.", ""),
         "batch": 1,
         "chunk_size": opts.chunk_size,

@@ -29,6 +29,7 @@ from ..assets import atomic_write_bytes
 __all__ = [
     "StageDir",
     "git_commit",
+    "git_state",
     "atomic_write_text",
     "save_tensors_atomic",
     "cosine_lr",
@@ -56,6 +57,26 @@ def git_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def git_state(override: str | None = None) -> dict:
+    """Provenance of a recorded figure: ``{"commit": str, "uncommitted_changes": bool | None}``.
+
+    ``commit`` is ``override``, else :func:`git_commit`, else ``"unknown"``. ``uncommitted_changes`` says whether
+    tracked files differ from that commit (untracked ones, such as carried wheels, data and outputs, are not the
+    code that ran); None when it cannot be known: outside a git checkout, or when the commit was given
+    (``override`` or ``HYBRIDIZE_GIT_COMMIT``), as on a copied tree whose ``.git`` is another commit's.
+    """
+    given = override or os.environ.get("HYBRIDIZE_GIT_COMMIT", "").strip() not in ("", "unknown")
+    dirty = None
+    if not given:
+        try:
+            out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                                 cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=5)
+            dirty = bool(out.stdout.strip()) if out.returncode == 0 else None
+        except (OSError, subprocess.SubprocessError):
+            dirty = None
+    return {"commit": override or git_commit() or "unknown", "uncommitted_changes": dirty}
 
 
 def atomic_write_text(path: Path, text: str) -> None:
