@@ -290,8 +290,8 @@ def test_gradient_accumulation_equals_the_whole_batch(tmp_path, did_backward):
 
 def test_resume_records_changed_settings_and_uses_this_runs_optimizer(tmp_path):
     """A stage resumed with other settings (e.g. --fsdp-param-dtype, which changes the arithmetic) says so in its
-    result (and so in the stage manifest); the resumed optimizer is this run's implementation (fused), also from
-    a checkpoint written by another one (torch's default AdamW: foreach / for-loop)."""
+    result (and so in the stage manifest), also after a later resume with the new settings; the resumed optimizer
+    is this run's implementation (fused), also from a checkpoint written by another one (torch's default AdamW)."""
     import hybridize.convert.trainer as trainer_mod
     from hybridize.convert.trainer import TrainSettings, train
 
@@ -322,10 +322,19 @@ def test_resume_records_changed_settings_and_uses_this_runs_optimizer(tmp_path):
     finally:
         torch.optim.AdamW.step, trainer_mod.make_optimizer = real_step, real_make
     assert json.loads((stage.checkpoint_path / "meta.json").read_text())["settings"]["fsdp_param_dtype"] == "bf16"
+    second = TrainSettings(6 * 4 * 6, 6, 4, 1e-2, 1e-3, warmup=1, checkpoint_every=2)
+    calls["n"] = 1  # the second run (fp32): killed in its third step, after the checkpoint of step 4
+    try:
+        torch.optim.AdamW.step = dying_step
+        with pytest.raises(KeyboardInterrupt):
+            train(stage, params, loss_fn, data, second)
+    finally:
+        torch.optim.AdamW.step = real_step
+    assert json.loads((stage.checkpoint_path / "meta.json").read_text())["step"] == 4
     used = []
     trainer_mod.make_optimizer = lambda ps, lr: used.append(real_make(ps, lr)) or used[-1]
-    try:
-        result = train(stage, params, loss_fn, data, TrainSettings(6 * 4 * 6, 6, 4, 1e-2, 1e-3, warmup=1, checkpoint_every=2))
+    try:  # the third run: the change happened two checkpoints ago and is still recorded
+        result = train(stage, params, loss_fn, data, second)
     finally:
         trainer_mod.make_optimizer = real_make
     assert result.settings_changed_on_resume == {"fsdp_param_dtype": ["bf16", "fp32"]}
@@ -930,6 +939,7 @@ def test_git_state_says_when_uncommitted_changes_are_unknown(monkeypatch):
     here = git_state()
     assert len(here["commit"]) == 40 and isinstance(here["uncommitted_changes"], bool)  # the tests run in a checkout
     assert git_state("74d9855") == {"commit": "74d9855", "uncommitted_changes": None}
+    assert git_state("unknown") == here  # the device scripts' value when no commit was given
     monkeypatch.setenv("HYBRIDIZE_GIT_COMMIT", "74d9855")
     assert git_state() == {"commit": "74d9855", "uncommitted_changes": None}
 

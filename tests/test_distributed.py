@@ -123,6 +123,30 @@ def test_prefetch_plan_and_shard_options_are_checked():
             prefetch_plan(n, k)
 
 
+def test_model_unit_keeps_its_weights_gathered_from_forward_to_backward():
+    """--fsdp-unit model: one all-gather per step. Between forward and backward the weights stay gathered (plain
+    tensors, not DTensor shards) even when reshard-after-forward is asked for (it would only add a second,
+    unoverlapped all-gather: the backward needs every weight at once); per layer they are freed (the default)."""
+    code = """
+import torch, torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor
+from torch.testing._internal.distributed.fake_pg import FakeStore
+dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
+from hybridize.convert.distributed import shard_modules
+for unit in ("model", "layer"):
+    m = nn.Sequential(*[nn.Linear(8, 8) for _ in range(3)])
+    shard_modules(list(m), m, reshard_after_forward=True, unit=unit)
+    out = m(torch.randn(2, 8)).sum()
+    print(unit, isinstance(m[1].weight, DTensor))
+    out.backward()
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "WORLD_SIZE": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["model", "False", "layer", "True"]
+
+
 def test_fsdp_options_are_checked_before_any_work(monkeypatch, tmp_path):
     from hybridize.convert.pipeline import ConvertOptions, check_convert_options
 

@@ -18,7 +18,7 @@ convert() {  # convert <gpus> <run dir> <log> <extra flags...>; never past this 
   local n=$1 dir=$2 log=$3 rc limit; shift 3
   limit=$(( END - SECONDS - 20 )); [ $limit -gt ${PER_RUN:-240} ] && limit=${PER_RUN:-240}
   [ $limit -ge 30 ] || { echo "$(basename "$dir"): skipped, call budget spent"; return 1; }
-  timeout $limit python3 -m torch.distributed.run --standalone --nproc_per_node=$n -m hybridize convert $FLAGS "$@" \
+  timeout -k 15 $limit python3 -m torch.distributed.run --standalone --nproc_per_node=$n -m hybridize convert $FLAGS "$@" \
     --out "$dir" > "$log" 2>&1
   rc=$?
   echo "$(basename "$dir") rc $rc $(grep -ho 'stage2 step [0-9/]* loss [0-9.]*.*tok/s' "$log" | tail -1)"
@@ -46,7 +46,8 @@ profile)
   tar czf "$OUT/profile.tgz" -C $RES . && ls -la "$OUT" ;;
 variants)
   [ -f /root/h200_train.jsonl ] || { echo "run STEP=profile first on this held machine"; exit 1; }
-  DEFAULT="2:unit_model:--fsdp-unit model;2:unit_model_keep:--fsdp-unit model --no-fsdp-reshard;2:prefetch1:--fsdp-prefetch 1;2:bf16:--fsdp-param-dtype bf16;1:1gpu_again:"
+  DEFAULT="2:unit_model:--fsdp-unit model;2:prefetch1:--fsdp-prefetch 1;2:bf16:--fsdp-param-dtype bf16;2:unit_model_bf16:--fsdp-unit model --fsdp-param-dtype bf16;1:1gpu_again:"
+  worst=0
   IFS=';' read -ra ENTRIES <<< "$(printf '%s' "${VARIANTS:-$DEFAULT}" | tr '\n' ';')"
   for entry in "${ENTRIES[@]}"; do
     [ -n "${entry// /}" ] || continue
@@ -54,14 +55,15 @@ variants)
     if [[ ! "$n" =~ ^[12]$ || ! "$label" =~ ^[A-Za-z0-9_.-]+$ ]]; then
       echo "skipped: '$entry' (want gpus:label:flags, gpus 1 or 2, label of letters, digits, _ . -)"; continue
     fi
-    [ -d /root/prof_runs/${n}gpu/stage1 ] || { echo "$label: skipped, no ${n}-GPU profile run to start from"; continue; }
+    [ -f /root/prof_runs/${n}gpu/stage1/manifest.json ] || { echo "$label: skipped, no finished ${n}-GPU stage 1 to start from"; worst=1; continue; }
     dir="/root/var_runs/$label"
     rm -rf "$dir" && mkdir -p "$dir" && cp -r /root/prof_runs/${n}gpu/stage0 /root/prof_runs/${n}gpu/stage1 "$dir/" || continue
-    convert $n "$dir" "$RES/var_$label.log" $flags
+    convert $n "$dir" "$RES/var_$label.log" $flags || worst=1
     copy_run "$dir" "$RES/var_$label"
     # after each run, so whatever finished comes back even if a later one is cut off
     (cd $RES && tar czf "$OUT/variants.tgz" var_* logs)
   done
-  ls -la "$OUT" ;;
+  ls -la "$OUT"
+  exit $worst ;;
 *) echo "unknown STEP=$STEP"; exit 2 ;;
 esac

@@ -170,8 +170,10 @@ def run_stage1(teacher, train_data: torch.Tensor, run_dir, settings: TrainSettin
                                  settings.seq_len, config.lightning_chunk_size)
     )
     # one FSDP2 unit per mixer whatever --fsdp-unit / --fsdp-prefetch say: each mixer is a root of its own, its
-    # backward runs right after its forward (alignment_losses), and no module runs them all
-    shard_modules(list(mixers), reshard_after_forward=settings.reshard_after_forward, param_dtype=settings.fsdp_param_dtype)
+    # backward runs right after its forward (alignment_losses), and no module runs them all. Its gathered weights are
+    # kept from that forward to that backward whatever --no-fsdp-reshard says: freeing them in between would save no
+    # peak memory and cost a second all-gather per mixer and step (FSDP2 frees them after the backward either way)
+    shard_modules(list(mixers), reshard_after_forward=False, param_dtype=settings.fsdp_param_dtype)
     params = {f"layers.{i}.{k}": p for i, m in enumerate(mixers) for k, p in m.named_parameters()}
     # per-layer losses of the last step's micro-batches (one entry per micro-batch with --grad-accum)
     # (kept on the device: reading them here would wait for the GPU once per layer and step)

@@ -109,9 +109,10 @@ def shard_modules(
         root: the module holding ``units`` (sharded last: its own remaining parameters form one more unit).
         unit: ``"layer"``: each of ``units`` is an FSDP2 unit (a rank holds one unit's whole weights at a time:
             least memory, for large models); ``"model"``: ``root`` is the only unit (needs ``root``): all weights
-            are gathered at the start of the forward and their gradients reduced at the end of the backward, as
-            memory-hungry as plain data parallelism but without FSDP2's per-layer hooks (less CPU time per step:
-            for small models, whose steps are short). ``prefetch`` needs ``"layer"``.
+            are gathered once, at the start of the forward, kept to the end of the backward (whatever
+            ``reshard_after_forward`` says) and their gradients reduced then, as memory-hungry as plain data
+            parallelism but without FSDP2's per-layer hooks (less CPU time per step: for small models, whose steps
+            are short). ``prefetch`` needs ``"layer"``.
         ignored: parameters (e.g. frozen, tied embeddings and LM head, used outside ``root``'s forward) that
             stay whole on every rank.
         reshard_after_forward: FSDP2's option of the same name: True frees each unit's gathered weights after
@@ -170,7 +171,9 @@ def shard_modules(
         for module in units:
             fully_shard(module, **options)
     if root is not None:
-        fully_shard(root, **options)
+        # one unit for everything: its backward needs every weight again right after the forward, so freeing them
+        # in between saves no peak memory and costs a second, unoverlapped all-gather
+        fully_shard(root, **{**options, "reshard_after_forward": reshard_after_forward and unit == "layer"})
     if prefetch:
         for module, (forward, backward) in zip(units, prefetch_plan(len(units), prefetch)):
             module.set_modules_to_forward_prefetch([units[j] for j in forward])

@@ -67,6 +67,7 @@ def git_state(override: str | None = None) -> dict:
     code that ran); None when it cannot be known: outside a git checkout, or when the commit was given
     (``override`` or ``HYBRIDIZE_GIT_COMMIT``), as on a copied tree whose ``.git`` is another commit's.
     """
+    override = override if override not in (None, "", "unknown") else None  # "unknown": the device scripts' unset value
     given = override or os.environ.get("HYBRIDIZE_GIT_COMMIT", "").strip() not in ("", "unknown")
     dirty = None
     if not given:

@@ -86,9 +86,9 @@ class TrainResult:
         grad_norms: the global gradient norm of each step before clipping (empty without clipping); a
             1-GPU and an N-GPU run of the same settings must agree here from the first step on.
         profile: what :func:`profile_summary` found in the profiled steps (``profile_steps``), else None.
-        settings_changed_on_resume: ``{setting: [checkpoint's value, this run's]}`` for every
-            :class:`TrainSettings` field this invocation resumed with a different value (e.g.
-            ``fsdp_param_dtype``, which changes the arithmetic); empty when it did not resume or nothing changed.
+        settings_changed_on_resume: ``{setting: [first value, this run's]}`` for every :class:`TrainSettings`
+            field that differs between the stage's first invocation and this one, over any number of resumes
+            (e.g. ``fsdp_param_dtype``, which changes the arithmetic); empty when nothing changed.
     """
 
     steps: int
@@ -197,8 +197,9 @@ def train(
     Args:
         stage: the stage directory (checkpoints go to ``stage.checkpoint_path``).
         params: the trainable parameters by name (these, and only these, are checkpointed).
-        loss_fn: maps a ``[batch_size, seq_len]`` int64 batch to a scalar loss (it may call backward on
-            parts itself and return a detached total; then it must set ``loss_fn.did_backward = True``).
+        loss_fn: maps this process's micro-batch, a ``[batch_size / (world_size * grad_accum), seq_len]`` int64
+            tensor on this rank's device, to a scalar loss, the mean over its rows (it may call backward on parts
+            itself and return a detached total; then it must set ``loss_fn.did_backward = True``).
         data: ``[N, seq_len]`` int64 packed training sequences, visited in a seeded random order
             (wrapping around if the budget exceeds one epoch).
         settings: budget and optimiser settings.
@@ -228,10 +229,15 @@ def train(
             load_full_(p, weights[name])
         start_step, losses, grad_norms = meta["step"], meta["losses"], meta.get("grad_norms", [])
         log.info("%s: resuming from checkpoint at step %d/%d", stage.name, start_step, steps)
-        changed = {k: [v, vars(settings).get(k)] for k, v in meta.get("settings", {}).items() if vars(settings).get(k) != v}
-        if changed:  # recorded in the stage manifest: the steps before and after ran with different settings
+        now = vars(settings)
+        fresh = {k: [v, now.get(k)] for k, v in meta.get("settings", {}).items() if now.get(k) != v}
+        if fresh:
             log.warning("%s: resumed with settings other than the checkpoint's (before -> now): %s", stage.name,
-                        ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+                        ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in fresh.items()))
+        # recorded in the stage manifest and carried through later checkpoints: the first value each setting had,
+        # and this run's (a setting changed back to its first value is no longer listed)
+        changed = {k: [first, now.get(k)] for k, (first, _) in {**fresh, **meta.get("settings_changed", {})}.items()
+                   if now.get(k) != first}
     g = torch.Generator().manual_seed(seed)
     order = torch.cat([torch.randperm(data.shape[0], generator=g) for _ in range(1 + steps * settings.batch_size // data.shape[0])])
     per_step = settings.batch_size * settings.seq_len
@@ -301,7 +307,7 @@ def train(
                          f" MFU {100 * util:.1f}%" if util is not None else "")
             if (step + 1) % settings.checkpoint_every == 0 and step + 1 < steps:
                 stage.save_checkpoint(dict(params), optimizer, {"step": step + 1, "losses": losses, "grad_norms": grad_norms,
-                                                                "settings": vars(settings)})
+                                                                "settings": vars(settings), "settings_changed": changed})
     bar.close()
     elapsed = max(1e-9, time.time() - paused - t0)
     tail = losses[-max(1, min(10, len(losses) // 5)) :]
