@@ -430,8 +430,10 @@ def _run_stages(opts, ctx, run_dir, teacher, tokenizer, eos, heldout_tok, train_
         log.info("--recipe sala: the A layers of --layer-types %s become InfLLM-V2 sparse attention (schedule %s)",
                  opts.layer_types, layer_types_to_str(given_layer_types(opts)))
     inputs = {"teacher": opts.teacher or "smollm2-135m-instruct (embedded)", "data": data_desc, "options": asdict(opts)}
+    reshard = opts.fsdp_reshard_after_forward and opts.fsdp_unit == "layer"
     fsdp = (f"unit {opts.fsdp_unit} (stage 1: one per mixer), prefetch {opts.fsdp_prefetch}, all-gathers in "
-            f"{opts.fsdp_param_dtype}, reshard after forward {'on' if opts.fsdp_reshard_after_forward else 'off'}")
+            f"{opts.fsdp_param_dtype}, stages 2-3 {'free' if reshard else 'keep'} the gathered weights between forward "
+            "and backward")
     if ctx.enabled:
         inputs["world_size"] = ctx.world_size
         import torch.distributed as dist

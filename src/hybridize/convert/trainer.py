@@ -38,8 +38,9 @@ class TrainSettings:
             ``batch_size / world_size`` rows split into this many forward/backward passes, interleaved as the
             rows are over processes, so 1 process with ``grad_accum = N`` computes what N processes do); the
             step, its loss and its gradient are those of the whole batch. Lowers activation memory.
-        reshard_after_forward: under FSDP2, free each layer's gathered weights after its forward (True, least
-            memory) or keep them for the backward (False, fewer all-gathers); no effect in one process.
+        reshard_after_forward: under FSDP2 in stages 2 and 3 with ``fsdp_unit="layer"``, free each layer's gathered
+            weights after its forward (True, least memory) or keep them for the backward (False, fewer
+            all-gathers); stage 1's mixers and the ``"model"`` unit always keep them; no effect in one process.
         fsdp_param_dtype: under FSDP2, the dtype the weights are all-gathered in, ``"fp32"`` or ``"bf16"``
             (:func:`~hybridize.convert.distributed.shard_modules`); no effect in one process.
         fsdp_prefetch: under FSDP2 in stages 2 and 3, how many decoder layers ahead each layer prefetches the
