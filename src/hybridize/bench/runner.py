@@ -18,7 +18,6 @@ import logging
 import math
 import platform
 import shlex
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
