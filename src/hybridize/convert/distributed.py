@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .options import FSDP_PARAM_DTYPES, FSDP_UNITS
+from .options import FSDP_PARAM_DTYPES, check_fsdp_options
 
 __all__ = ["DistContext", "env_world_size", "init_distributed", "context", "shard_modules", "prefetch_plan", "full_tensor", "load_full_", "all_reduce_mean", "barrier", "set_gradient_sync"]
 
@@ -133,21 +133,13 @@ def shard_modules(
             backwards run in the reverse order of their forwards (a layer stack trained through one loss).
 
     Raises:
-        ValueError: an unknown ``param_dtype`` or ``unit``, a negative ``prefetch``, ``"model"`` without ``root``
-            or with ``prefetch``, ``prefetch`` without ``root``, a unit that is not a submodule of ``root``.
+        ValueError: what :func:`~hybridize.convert.options.check_fsdp_options` refuses, ``"model"`` without
+            ``root``, ``prefetch`` without ``root``, a unit that is not a submodule of ``root``.
     """
-    if param_dtype not in FSDP_PARAM_DTYPES:
-        raise ValueError(f"FSDP2 parameter dtype must be one of {FSDP_PARAM_DTYPES} (--fsdp-param-dtype), got {param_dtype!r}")
-    if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
-        raise ValueError(f"FSDP2 prefetch must be an integer >= 0 (--fsdp-prefetch), got {prefetch!r}")
-    if unit not in FSDP_UNITS:
-        raise ValueError(f"FSDP2 unit must be one of {FSDP_UNITS} (--fsdp-unit), got {unit!r}")
+    check_fsdp_options(param_dtype, prefetch, unit)
     units = list(units)
     if unit == "model" and root is None:
         raise ValueError("an FSDP2 unit for the whole model needs the root module that runs the units' forwards")
-    if prefetch and unit != "layer":
-        raise ValueError("--fsdp-prefetch prefetches the next layers' all-gathers: it needs --fsdp-unit layer "
-                         "(with --fsdp-unit model every weight is gathered at once)")
     if prefetch and root is None:
         raise ValueError("FSDP2 prefetch needs the root module that runs the units' forwards (units that are each "
                          "a root of their own cannot prefetch one another)")

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["ConvertOptions", "RECIPES", "SELECTION_METHODS", "PPL_TEXTS", "PASSKEY_FORMS", "FSDP_PARAM_DTYPES", "FSDP_UNITS"]
+__all__ = ["ConvertOptions", "RECIPES", "SELECTION_METHODS", "PPL_TEXTS", "PASSKEY_FORMS", "FSDP_PARAM_DTYPES", "FSDP_UNITS",
+           "check_fsdp_options"]
 
 #: ``--ppl-text`` choices: the whole held-out split, or only its essays concatenated in order
 PPL_TEXTS = ("heldout", "essay")
@@ -23,6 +24,24 @@ RECIPES = ("hypenet", "sala")
 FSDP_PARAM_DTYPES = ("fp32", "bf16")
 #: ``--fsdp-unit`` choices: one FSDP2 unit per decoder layer, or one for the whole trained model
 FSDP_UNITS = ("layer", "model")
+
+
+def check_fsdp_options(param_dtype: str, prefetch: int, unit: str) -> None:
+    """The rules of ``--fsdp-param-dtype`` / ``--fsdp-prefetch`` / ``--fsdp-unit`` (checked by ``hybridize convert``
+    before any work, and by :func:`hybridize.convert.distributed.shard_modules`).
+
+    Raises:
+        ValueError: an unknown dtype or unit, a prefetch that is not an integer >= 0, prefetch with the model unit.
+    """
+    if param_dtype not in FSDP_PARAM_DTYPES:
+        raise ValueError(f"--fsdp-param-dtype must be one of {FSDP_PARAM_DTYPES}, got {param_dtype!r}")
+    if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
+        raise ValueError(f"--fsdp-prefetch must be an integer >= 0 (decoder layers to prefetch), got {prefetch!r}")
+    if unit not in FSDP_UNITS:
+        raise ValueError(f"--fsdp-unit must be one of {FSDP_UNITS}, got {unit!r}")
+    if prefetch and unit != "layer":
+        raise ValueError("--fsdp-prefetch prefetches the next layers' all-gathers: it needs --fsdp-unit layer (with "
+                         "--fsdp-unit model every weight is gathered at once); drop one of the two")
 
 
 @dataclass

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..models import layer_types_to_str
-from .options import FSDP_PARAM_DTYPES, FSDP_UNITS, RECIPES, ConvertOptions
+from .options import RECIPES, ConvertOptions, check_fsdp_options
 from .align import run_stage1
 from .distill import MODEL_DIR, run_stage2, run_stage3
 from .stage import StageDir, atomic_write_text, setup_logging
@@ -126,15 +126,7 @@ def check_convert_options(opts: ConvertOptions, num_layers: int | None = None) -
     from .distributed import env_world_size
 
     world = env_world_size()
-    if opts.fsdp_param_dtype not in FSDP_PARAM_DTYPES:
-        raise ValueError(f"--fsdp-param-dtype must be one of {FSDP_PARAM_DTYPES}, got {opts.fsdp_param_dtype!r}")
-    if isinstance(opts.fsdp_prefetch, bool) or not isinstance(opts.fsdp_prefetch, int) or opts.fsdp_prefetch < 0:
-        raise ValueError(f"--fsdp-prefetch must be an integer >= 0 (decoder layers to prefetch), got {opts.fsdp_prefetch!r}")
-    if opts.fsdp_unit not in FSDP_UNITS:
-        raise ValueError(f"--fsdp-unit must be one of {FSDP_UNITS}, got {opts.fsdp_unit!r}")
-    if opts.fsdp_prefetch and opts.fsdp_unit != "layer":
-        raise ValueError("--fsdp-prefetch prefetches the next layers' all-gathers: it needs --fsdp-unit layer (with "
-                         "--fsdp-unit model every weight is gathered at once); drop one of the two")
+    check_fsdp_options(opts.fsdp_param_dtype, opts.fsdp_prefetch, opts.fsdp_unit)
     on_cuda = opts.device.startswith("cuda") if opts.device is not None else torch.cuda.is_available()
     if opts.fsdp_param_dtype != "fp32" and world > 1 and not on_cuda:
         raise ValueError(f"--fsdp-param-dtype {opts.fsdp_param_dtype} needs CUDA devices (training computes in bf16 "
